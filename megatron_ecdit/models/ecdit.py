@@ -1,0 +1,144 @@
+"""The EC-DiT network: a PixArt-alpha-like text-to-image DiT whose FFNs are EC-MoE layers.
+
+    tokens = PatchEmbed(x) + pos                      image (B, C, H, W) -> (S, B, D)
+    c      = TimestepEmbedder(t)                      (B, Dc), drives every adaLN
+    text   = CaptionProjection(text encoder states)   (L, B, D)
+    block  : x  = x + g1 * SelfAttn(mod(LN(x), c))    adaLN-Zero (DiT)
+             x' = x + CrossAttn(LN(x), text, mask)    zero-initialised output (PixArt)
+             x  = x' + g2 * FFN(mod(LN(x'), c))       FFN = EC-MoE on every other block
+    out    = Linear(mod(LN(x), c)) -> unpatchify
+
+The router sees the FFN input mod(LN(x')) (Algorithm 1's x_p), so the timestep reaches it only
+through adaLN and the text only through the cross-attention residual. Blocks live in a
+ModuleDict keyed by their global index so names survive pipeline slicing and checkpoints. The
+model knows no process groups; it is handed a ParallelContext.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megatron_ecdit.config import ModelConfig, MoEConfig
+from megatron_ecdit.models.attention import Attention
+from megatron_ecdit.models.embedders import (CaptionProjection, PatchEmbed, TimestepEmbedder,
+                                             sincos_pos_embed_2d, unpatchify)
+from megatron_ecdit.models.tensor_parallel import ColumnLinear, ParallelContext
+from megatron_ecdit.moe.layer import FFNOutput, MoELayer, RoutingStats, build_ffn
+
+
+def modulate(x_SBD: torch.Tensor, shift_BD: torch.Tensor, scale_BD: torch.Tensor) -> torch.Tensor:
+    return x_SBD * (1 + scale_BD[None]) + shift_BD[None]
+
+
+class AdaLNModulation(nn.Module):
+    """SiLU -> Linear(Dc, n * D), zero-initialised (adaLN-Zero), replicated output."""
+
+    def __init__(self, ctx: ParallelContext, cond_size: int, hidden_size: int, chunks: int):
+        super().__init__()
+        self.chunks = chunks
+        self.linear = ColumnLinear(ctx.replicated_input(), cond_size, chunks * hidden_size,
+                                   gather_output=True, init_std=0.0)
+
+    def forward(self, c_BDc: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(nn.functional.silu(c_BDc)).chunk(self.chunks, dim=-1)
+
+
+class ECDiTBlock(nn.Module):
+    def __init__(self, ctx: ParallelContext, model: ModelConfig, moe: MoEConfig,
+                 capacity_factor: Optional[float]):
+        super().__init__()
+        d = model.hidden_size
+        self.router_reads_hidden = moe.router_input == "timestep_and_hidden"
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.self_attn = Attention(ctx, d, model.num_heads, model.num_kv_heads)
+        self.norm_cross = nn.LayerNorm(d, eps=1e-6)
+        self.cross_attn = Attention(ctx, d, model.num_heads, model.num_kv_heads, cross=True,
+                                    zero_out=True)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.ffn = build_ffn(ctx, d, model.ffn_size, moe, capacity_factor, model.cond_size)
+        self.modulation = AdaLNModulation(ctx, model.cond_size, d, 6)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoELayer)
+
+    def forward(self, x_SBD: torch.Tensor, c_BDc: torch.Tensor, text_LBD: torch.Tensor,
+                text_mask_BL: torch.Tensor) -> tuple[torch.Tensor, FFNOutput]:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c_BDc)
+        x_SBD = x_SBD + gate1[None] * self.self_attn(modulate(self.norm1(x_SBD), shift1, scale1))
+        x_SBD = x_SBD + self.cross_attn(self.norm_cross(x_SBD), text_LBD, text_mask_BL)
+        normed = self.norm2(x_SBD)
+        ffn = self.ffn(modulate(normed, shift2, scale2),
+                       router_x_SBD=normed if self.router_reads_hidden else None, cond_BDc=c_BDc)
+        return x_SBD + gate2[None] * ffn.output, ffn
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, ctx: ParallelContext, model: ModelConfig):
+        super().__init__()
+        d, p = model.hidden_size, model.patch_size
+        self.norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.modulation = AdaLNModulation(ctx, model.cond_size, d, 2)
+        self.linear = nn.Linear(d, p * p * model.in_channels)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x_SBD: torch.Tensor, c_BDc: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(c_BDc)
+        return self.linear(modulate(self.norm(x_SBD), shift, scale))  # (S, B, p*p*C)
+
+
+@dataclass
+class ECDiTOutput:
+    prediction: torch.Tensor  # velocity (B, C, H, W), or token rows (B, S_keep, p*p*C) if masked
+    routing: dict[int, RoutingStats] = field(default_factory=dict)  # by block index
+    aux_loss: Optional[torch.Tensor] = None
+
+
+class ECDiT(nn.Module):
+    def __init__(self, model: ModelConfig, moe: MoEConfig, ctx: Optional[ParallelContext] = None):
+        super().__init__()
+        ctx = ctx or ParallelContext()
+        model.validate()
+        moe.validate(model.num_layers)
+        self.config = model
+        d = model.hidden_size
+        self.patch_embed = PatchEmbed(model.in_channels, model.patch_size, d)
+        grid = model.input_size // model.patch_size
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(d, grid), persistent=False)
+        self.t_embedder = TimestepEmbedder(model.cond_size)
+        self.caption_proj = CaptionProjection(model.text_dim, d)
+        moe_layers = moe.moe_layer_indices(model.num_layers)
+        self.blocks = nn.ModuleDict({
+            str(i): ECDiTBlock(ctx, model, moe, moe.capacity_factor_of(moe_layers.index(i))
+                               if i in moe_layers else None)
+            for i in range(model.num_layers)})
+        self.final = FinalLayer(ctx, model)
+
+    def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, text_BLT: torch.Tensor,
+                text_mask_BL: torch.Tensor, keep_idx_BK: Optional[torch.Tensor] = None
+                ) -> ECDiTOutput:
+        """keep_idx_BK: MaskDiT-style subset of token positions to process (training only)."""
+        x_BSD = self.patch_embed(x_BCHW) + self.pos_embed.to(x_BCHW.dtype)
+        if keep_idx_BK is not None:
+            x_BSD = torch.gather(x_BSD, 1, keep_idx_BK[..., None].expand(-1, -1, x_BSD.shape[-1]))
+        x_SBD = x_BSD.transpose(0, 1)
+        c_BDc = self.t_embedder(t_B)
+        text_LBD = self.caption_proj(text_BLT).transpose(0, 1)
+        routing: dict[int, RoutingStats] = {}
+        aux_loss = None
+        for name, block in self.blocks.items():
+            x_SBD, ffn = block(x_SBD, c_BDc, text_LBD, text_mask_BL)
+            if ffn.stats is not None:
+                routing[int(name)] = ffn.stats
+            if ffn.aux_loss is not None:
+                aux_loss = ffn.aux_loss if aux_loss is None else aux_loss + ffn.aux_loss
+        rows_BSP = self.final(x_SBD, c_BDc).transpose(0, 1)
+        if keep_idx_BK is not None:
+            return ECDiTOutput(rows_BSP, routing, aux_loss)
+        return ECDiTOutput(unpatchify(rows_BSP, self.config.patch_size, self.config.in_channels),
+                           routing, aux_loss)

@@ -1,0 +1,97 @@
+"""The parallel context a model is built with, and megatron-core linear-layer factories.
+
+Models never look up process groups: the parent builds one `ParallelContext` (from
+`megatron_ecdit.parallel`) and pushes it down. In one process every group has size one and
+megatron-core's ColumnParallel/RowParallel layers reduce to plain linear layers, so the same
+model code runs unchanged from a laptop to TP x PP x EP.
+
+Layers take and return sequence-first tensors (S, B, D), megatron's convention; with sequence
+parallelism S is the local shard of the sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+INIT_STD = 0.02
+
+
+def _normal_init(std: float):
+    return lambda tensor: nn.init.normal_(tensor, mean=0.0, std=std)
+
+
+@dataclass
+class ParallelContext:
+    """Process groups (None outside torch.distributed) and megatron's layer config."""
+
+    mp_config: ModelParallelConfig = field(default_factory=lambda: ModelParallelConfig(
+        use_cpu_initialization=True))
+    tp_group: Optional[dist.ProcessGroup] = None
+    ep_group: Optional[dist.ProcessGroup] = None
+    expert_tp_group: Optional[dist.ProcessGroup] = None
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp_group.size() if self.tp_group is not None else 1
+
+    @property
+    def ep_size(self) -> int:
+        return self.ep_group.size() if self.ep_group is not None else 1
+
+    @property
+    def expert_tp_size(self) -> int:
+        return self.expert_tp_group.size() if self.expert_tp_group is not None else 1
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return bool(self.mp_config.sequence_parallel) and self.tp_size > 1
+
+    def replicated_input(self) -> "ParallelContext":
+        """The same groups for layers whose input is replicated over TP even under sequence
+        parallelism (text tokens, conditioning vectors): no sequence all-gather."""
+        if not self.mp_config.sequence_parallel:
+            return self
+        return dataclasses.replace(
+            self, mp_config=dataclasses.replace(self.mp_config, sequence_parallel=False))
+
+    @classmethod
+    def meta(cls) -> "ParallelContext":
+        """For building on the meta device (parameter counting): no initialisation."""
+        return cls(ModelParallelConfig(use_cpu_initialization=True, perform_initialization=False))
+
+
+class ColumnLinear(nn.Module):
+    """Y = X W^T + b with W split by output rows over TP; returns only the tensor."""
+
+    def __init__(self, ctx: ParallelContext, in_features: int, out_features: int, *,
+                 bias: bool = True, gather_output: bool = False, init_std: float = INIT_STD):
+        super().__init__()
+        self.linear = ColumnParallelLinear(
+            in_features, out_features, config=ctx.mp_config, init_method=_normal_init(init_std),
+            bias=bias, gather_output=gather_output, tp_group=ctx.tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)[0]
+
+
+class RowLinear(nn.Module):
+    """Y = X W^T + b with W split by input columns over TP, output reduced (or
+    reduce-scattered along the sequence under sequence parallelism)."""
+
+    def __init__(self, ctx: ParallelContext, in_features: int, out_features: int, *,
+                 bias: bool = True, init_std: float = INIT_STD):
+        super().__init__()
+        self.linear = RowParallelLinear(
+            in_features, out_features, config=ctx.mp_config, init_method=_normal_init(init_std),
+            bias=bias, input_is_parallel=True, skip_bias_add=False, tp_group=ctx.tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)[0]

@@ -1,0 +1,150 @@
+"""The MoE FFN: route -> dispatch -> experts -> combine (Megatron-LM's phase names).
+
+`MoELayer` works with any router that returns a fixed-shape `Routing` (expert choice by
+default, token choice as the baseline). Dispatch is an index gather into one (E, N, D) buffer,
+combine a gate-weighted scatter-add back to the tokens: the one-hot (B, E, C, S) tensor of
+Algorithm 1 is never built (see `reference.py` for the literal version used as a test oracle).
+A token chosen by no expert gets zero here and keeps only the block's residual.
+
+Movement of the expert buffer between ranks is the dispatcher's job (`LocalDispatcher` in one
+process; an all-to-all under expert parallelism), so the math in this file never changes with
+the layout. `DenseFFN` is the dense baseline under the same interface.
+
+Shape legend: S sequence, B batch, D hidden, E experts, N tokens per expert, Dc cond width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ecdit.config import MoEConfig
+from megatron_ecdit.models.tensor_parallel import ColumnLinear, ParallelContext, RowLinear
+from megatron_ecdit.moe.experts import GroupedExperts
+from megatron_ecdit.moe.router import ExpertChoiceRouter, Routing, TokenChoiceRouter
+
+
+@dataclass
+class RoutingStats:
+    """What the paper plots and what training logs; computed without gradients."""
+
+    experts_per_token: torch.Tensor  # (B, S): how many experts chose each token (compute map)
+    unrouted_fraction: torch.Tensor  # scalar: share of tokens chosen by no expert
+    expert_mean_gate: torch.Tensor  # (E,): mean gate of each expert's chosen tokens
+    router_entropy: torch.Tensor  # scalar: mean entropy of the per-token affinities (nats)
+
+    @property
+    def mean_experts_per_token(self) -> torch.Tensor:
+        return self.experts_per_token.float().mean()
+
+
+@dataclass
+class FFNOutput:
+    output: torch.Tensor  # (S, B, D)
+    stats: Optional[RoutingStats] = None
+    aux_loss: Optional[torch.Tensor] = None
+
+
+class LocalDispatcher(nn.Module):
+    """All experts live in this process: dispatch and combine are the identity."""
+
+    def dispatch(self, x_END: torch.Tensor) -> torch.Tensor:
+        return x_END
+
+    def combine(self, y_END: torch.Tensor) -> torch.Tensor:
+        return y_END
+
+
+def routing_stats(routing: Routing, seq_len: int, batch: int) -> RoutingStats:
+    with torch.no_grad():
+        chosen_EN = routing.gate_EN > 0
+        counts = torch.zeros(seq_len * batch, device=chosen_EN.device)
+        counts.index_add_(0, routing.token_index_EN.reshape(-1), chosen_EN.reshape(-1).float())
+        counts_BS = counts.view(seq_len, batch).t()
+        gate_sum = (routing.gate_EN * chosen_EN).sum(-1)
+        mean_gate = gate_sum / chosen_EN.sum(-1).clamp(min=1)
+        p = routing.probs_SBE
+        entropy = -(p * p.clamp(min=1e-20).log()).sum(-1).mean()
+        return RoutingStats(counts_BS, (counts_BS == 0).float().mean(), mean_gate, entropy)
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-experts FFN with fixed-shape expert buffers."""
+
+    def __init__(self, router: nn.Module, experts: GroupedExperts,
+                 dispatcher: Optional[nn.Module] = None,
+                 shared_expert: Optional[nn.Module] = None):
+        super().__init__()
+        self.router = router
+        self.experts = experts
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        self.shared_expert = shared_expert
+
+    def forward(self, x_SBD: torch.Tensor, router_x_SBD: Optional[torch.Tensor] = None,
+                cond_BDc: Optional[torch.Tensor] = None) -> FFNOutput:
+        S, B, D = x_SBD.shape
+        x_flat = x_SBD.reshape(S * B, D)
+
+        # 1. route: which token fills each (expert, slot), and its gate.
+        routing = self.router(x_SBD if router_x_SBD is None else router_x_SBD, cond_BDc)
+        # 2. dispatch: gather tokens into the fixed (E, N, D) buffer, move it to its experts.
+        x_END = self.dispatcher.dispatch(x_flat[routing.token_index_EN])
+        # 3. experts: one batched MLP over all local experts.
+        y_END = self.dispatcher.combine(self.experts(x_END))
+        # 4. combine: out[s] = sum over experts e that chose s of gate[e, s] * expert_e(x[s]).
+        weighted = (y_END * routing.gate_EN.unsqueeze(-1).to(y_END.dtype)).reshape(-1, D)
+        out = torch.zeros_like(x_flat, dtype=weighted.dtype)
+        out = out.index_add(0, routing.token_index_EN.reshape(-1), weighted)
+        out_SBD = out.view(S, B, D)
+        if self.shared_expert is not None:
+            out_SBD = out_SBD + self.shared_expert(x_SBD).output
+        return FFNOutput(out_SBD, routing_stats(routing, S, B), routing.aux_loss)
+
+
+class DenseFFN(nn.Module):
+    """The dense baseline: Linear -> GELU (or SwiGLU) -> Linear, tensor-parallel."""
+
+    def __init__(self, ctx: ParallelContext, hidden_size: int, ffn_hidden_size: int,
+                 activation: str = "gelu", output_init_std: float = 0.02):
+        super().__init__()
+        self.activation = activation
+        up = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
+        self.fc1 = ColumnLinear(ctx, hidden_size, up)
+        self.fc2 = RowLinear(ctx, ffn_hidden_size, hidden_size, init_std=output_init_std)
+
+    def forward(self, x_SBD: torch.Tensor, router_x_SBD: Optional[torch.Tensor] = None,
+                cond_BDc: Optional[torch.Tensor] = None) -> FFNOutput:
+        h = self.fc1(x_SBD)
+        if self.activation == "swiglu":
+            # Under TP each rank holds [gate; up] of its own slice (interleaved by shard).
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return FFNOutput(self.fc2(h))
+
+
+def build_ffn(ctx: ParallelContext, hidden_size: int, ffn_hidden_size: int, moe: MoEConfig,
+              capacity_factor: Optional[float], cond_size: int = 0) -> nn.Module:
+    """A dense FFN when capacity_factor is None, else an MoE layer as `moe` describes."""
+    if capacity_factor is None:
+        return DenseFFN(ctx, hidden_size, ffn_hidden_size, moe.activation)
+    if moe.num_experts % ctx.ep_size:
+        raise ValueError(f"moe.num_experts={moe.num_experts} is not divisible by "
+                         f"expert parallel size {ctx.ep_size}")
+    router_cond = cond_size if moe.router_input == "timestep_and_hidden" else 0
+    if moe.router == "expert_choice":
+        router = ExpertChoiceRouter(hidden_size, moe.num_experts, capacity_factor, moe.pool,
+                                    moe.group_size, moe.gate, moe.gate_scale, router_cond)
+    else:
+        router = TokenChoiceRouter(hidden_size, moe.num_experts, moe.top_k, capacity_factor,
+                                   moe.pool, moe.group_size, router_cond)
+    experts = GroupedExperts(moe.num_experts // ctx.ep_size, hidden_size,
+                             ffn_hidden_size // ctx.expert_tp_size, moe.activation)
+    shared = (DenseFFN(ctx, hidden_size, moe.shared_expert_size, moe.activation)
+              if moe.shared_expert_size else None)
+    return MoELayer(router, experts, shared_expert=shared)

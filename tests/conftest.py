@@ -1,0 +1,17 @@
+"""Shared fixtures. Models need megatron-core's (size-one) process groups in a single process."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(scope="session")
+def ctx():
+    from megatron_ecdit.config import ParallelConfig
+    from megatron_ecdit.parallel.setup import initialize_parallel
+    return initialize_parallel(ParallelConfig())

@@ -1,0 +1,47 @@
+"""Config loading: YAML + dotted overrides, strict keys and types."""
+
+import pytest
+
+from megatron_ecdit.config import ConfigError, load_config, paper_model
+
+
+def test_defaults_validate_and_overrides_apply(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  hidden_size: 96\noptim:\n  lr: 3e-4\n")
+    cfg = load_config(path, ["moe.num_experts=4", "train.steps=7", "moe.layers=[0, 2]"])
+    assert cfg.model.hidden_size == 96
+    assert cfg.optim.lr == 3e-4
+    assert cfg.moe.num_experts == 4 and cfg.train.steps == 7
+    assert cfg.moe.moe_layer_indices(cfg.model.num_layers) == [0, 2]
+
+
+def test_unknown_key_names_it_with_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.hiden_size'.*hidden_size"):
+        load_config(overrides=["model.hiden_size=3"])
+    path = tmp_path / "c.yaml"
+    path.write_text("trian:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        load_config(path)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match="'train.steps' expects int"):
+        load_config(overrides=["train.steps=many"])
+    with pytest.raises(ConfigError, match="'optim.name' must be one of"):
+        load_config(overrides=["optim.name=sgd"])
+    with pytest.raises(ConfigError, match="'train.precision'"):
+        load_config(overrides=["train.precision=fp8"])
+
+
+def test_missing_file_is_named():
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config("nope.yaml")
+
+
+def test_paper_sizes():
+    model, moe = paper_model("M", 64)
+    assert (model.num_layers, model.hidden_size, model.num_kv_heads) == (38, 3072, 12)
+    assert model.head_dim == 64 and model.num_patches == 256
+    assert paper_model("M", 0)[0].num_layers == 46
+    with pytest.raises(ConfigError, match="unknown model size"):
+        paper_model("XS", 8)
