@@ -213,7 +213,7 @@ class OptimConfig:
     warmup_steps: int = 50
     schedule: Literal["constant", "cosine"] = "cosine"
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.99
 
 
 @dataclass
@@ -224,14 +224,19 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1200
+    steps: int = 800
     micro_batch_size: int = 32
     seed: int = 1234
     precision: Literal["fp32", "bf16"] = "fp32"
     output_dir: str = "outputs/demo"
-    log_interval: int = 10
-    sample_interval: int = 0  # 0 = only at the end
-    num_sample_prompts: int = 8
+    log_interval: int = 25  # console, TensorBoard and routing statistics; metrics.jsonl: every step
+    sample_interval: int = 0  # also write samples every N steps; 0 = only at the end
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "a red circle", "a blue square", "a green triangle", "a yellow square",
+        "a red circle and a blue square", "three green triangles",
+        "a blue circle left of a yellow triangle", "a green square above a red circle"])
+    compute_map_prompts: int = 2  # the first N sample prompts get a compute map
+    compute_map_timesteps: list[float] = field(default_factory=lambda: [0.9, 0.5, 0.1])
     progress: bool = True
     tensorboard: bool = True
 

@@ -172,3 +172,18 @@ def test_invalid_moe_configs_name_the_field():
         load_config(overrides=["model.num_heads=4", "model.num_kv_heads=3"])
     with pytest.raises(ConfigError, match="moe.layer_capacity_factors"):
         MoEConfig(layer_capacity_factors=[2.0]).validate(num_layers=6)
+
+
+def test_swiglu_experts_and_shared_expert(ctx):
+    from megatron_ecdit.moe.layer import DenseFFN, build_ffn
+    moe = MoEConfig(num_experts=4, activation="swiglu", shared_expert_size=16)
+    layer = build_ffn(ctx, 8, 32, moe, capacity_factor=2.0)
+    assert layer.experts.w1.shape == (4, 8, 64) and isinstance(layer.shared_expert, DenseFFN)
+    x = torch.randn(6, 2, 8)
+    out = layer(x)
+    # Shared expert adds on every token: output minus shared part is the routed part.
+    routed = out.output - layer.shared_expert(x).output
+    unrouted = out.stats.experts_per_token.t().reshape(-1) == 0
+    assert torch.all(routed.reshape(-1, 8)[unrouted] == 0)
+    out.output.sum().backward()
+    assert layer.experts.w1.grad is not None and layer.shared_expert.fc1.linear.weight.grad is not None

@@ -1,0 +1,113 @@
+"""EC-MoE layer speed and memory against its baselines, in one process. Prints a table.
+
+    python benchmarks/bench_ec_layer.py [--d 512] [--s 256] [--b 8] [--experts 8 32 64]
+
+Ratios (forward + backward, fp32, median of --iters runs):
+  vs dense   time of the EC layer / a dense GELU FFN of hidden f_c * 4d on the same tokens,
+             i.e. the same expert FLOPs (goal <= 1.15x)
+  vs Alg. 1  time of the literal Algorithm 1 / the EC layer, at S = --s-alg1 (goal >= 10x)
+  memory     bytes saved for backward by the EC layer / by the dense FFN (CPU has no peak
+             allocator statistic; saved activations are what dominates training memory)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from megatron_ecdit.moe.experts import GroupedExperts  # noqa: E402
+from megatron_ecdit.moe.layer import MoELayer  # noqa: E402
+from megatron_ecdit.moe.reference import algorithm1, expert_functions  # noqa: E402
+from megatron_ecdit.moe.router import ExpertChoiceRouter  # noqa: E402
+
+
+def timed(fn, iters: int, params: list[torch.Tensor]) -> float:
+    """Median seconds of fn(); gradients are reset to None first, as an optimizer step does."""
+    times = []
+    for i in range(iters + 1):
+        for p in params:
+            p.grad = None
+        start = time.perf_counter()
+        fn()
+        if i == 0:  # warm-up
+            continue
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def saved_bytes(fn, params: list[torch.Tensor]) -> int:
+    """Bytes of activations autograd keeps for backward (parameters excluded)."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--s", type=int, default=256)
+    parser.add_argument("--b", type=int, default=8)
+    parser.add_argument("--s-alg1", type=int, default=1024)
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--capacity-factor", type=float, default=2.0)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    d, fc = args.d, args.capacity_factor
+    print(f"EC-MoE layer, d={d} S={args.s} B={args.b} f_c={fc}, fwd+bwd fp32, "
+          f"{args.threads} threads, torch {torch.__version__}")
+    print(f"{'E':>4} {'EC ms':>8} {'dense ms':>9} {'vs dense':>9} {'EC@S1024':>9} "
+          f"{'Alg1 ms':>9} {'vs Alg.1':>9} {'mem vs dense':>13}")
+    for E in args.experts:
+        layer = MoELayer(ExpertChoiceRouter(d, E, fc), GroupedExperts(E, d, 4 * d))
+        w1 = torch.randn(d, int(fc * 4 * d)) * 0.02
+        w2 = torch.randn(int(fc * 4 * d), d) * 0.02
+        w1.requires_grad_(), w2.requires_grad_()
+        x = torch.randn(args.s, args.b, d, requires_grad=True)
+
+        def ec(x=x):
+            layer(x).output.sum().backward()
+
+        def dense(x=x):
+            (F.gelu(x @ w1, approximate="tanh") @ w2).sum().backward()
+
+        ec_params, dense_params = [x, *layer.parameters()], [x, w1, w2]
+        t_ec, t_dense = timed(ec, args.iters, ec_params), timed(dense, args.iters, dense_params)
+        mem = saved_bytes(lambda: layer(x).output.sum(), ec_params) / saved_bytes(
+            lambda: (F.gelu(x @ w1, approximate="tanh") @ w2).sum(), dense_params)
+
+        x_long = torch.randn(args.s_alg1, args.b, d, requires_grad=True)
+        x_long_bsd = x_long.detach().transpose(0, 1).contiguous().requires_grad_()
+        experts = expert_functions(layer.experts.w1, layer.experts.w2)
+        C = layer.router.capacity(args.s_alg1)
+        long_params = [x_long, x_long_bsd, *layer.parameters()]
+        t_ec_long = timed(lambda: layer(x_long).output.sum().backward(), args.iters, long_params)
+        t_alg1 = timed(lambda: algorithm1(x_long_bsd, layer.router.weight, experts, C)
+                       .sum().backward(), max(1, args.iters // 2), long_params)
+        print(f"{E:>4} {1e3 * t_ec:>8.1f} {1e3 * t_dense:>9.1f} {t_ec / t_dense:>8.2f}x "
+              f"{1e3 * t_ec_long:>9.1f} {1e3 * t_alg1:>9.1f} {t_alg1 / t_ec_long:>8.1f}x "
+              f"{mem:>12.2f}x")
+    print("goals: vs dense <= 1.15x, vs Alg.1 >= 10x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The training job: data -> frozen encoders -> rectified-flow loss -> EC-DiT -> optimizer.
+
+`train(cfg)` runs the whole job and writes to `cfg.train.output_dir`:
+  metrics.jsonl    one JSON object per step (step, loss, lr, grad_norm, samples_per_s, and
+                   per-MoE-block routing statistics on log steps)
+  tb/              TensorBoard events of the same
+  checkpoints/     periodic checkpoints (see checkpoint/local.py)
+  samples.png      generated images for cfg.train.sample_prompts (EMA weights)
+  compute_map.png  experts per token, per MoE block and timestep, over generated images
+
+The loop knows nothing about the model's internals beyond its output dataclass; the frozen
+encoders are used behind their interfaces; the optimizer comes from one builder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from megatron_ecdit.checkpoint.local import save_checkpoint
+from megatron_ecdit.config import Config, ConfigError
+from megatron_ecdit.data.shards import build_dataloader, build_image_text_dataset
+from megatron_ecdit.data.synthetic import write_missing_synthetic_shards
+from megatron_ecdit.diffusion.rectified_flow import add_noise, flow_matching_loss, sample_timesteps
+from megatron_ecdit.diffusion.sampling import noise_from_seed, sample
+from megatron_ecdit.encoders.text import TextEncoder
+from megatron_ecdit.encoders.vae import Autoencoder, build_vae
+from megatron_ecdit.models.ecdit import ECDiT
+from megatron_ecdit.models.embedders import patchify
+from megatron_ecdit.parallel.setup import data_parallel_rank_and_size, initialize_parallel
+from megatron_ecdit.training.optim import EMA, build_optimizer, build_scheduler
+from megatron_ecdit.training.visualize import save_compute_map, save_sample_grid
+
+
+class Job:
+    """Everything a run holds: frozen encoders, model, optimizer, data stream, RNG."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.out = Path(cfg.train.output_dir)
+        ctx = initialize_parallel(cfg.parallel)
+        if dist.get_world_size() > 1:
+            raise ConfigError("this trainer runs in one process; multi-process layouts "
+                              f"(world size {dist.get_world_size()}) are not supported yet")
+        torch.manual_seed(cfg.train.seed)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        # Frozen encoders first: a missing folder fails here, before any training work.
+        self.text_encoder = TextEncoder(cfg.text_encoder.path, cfg.text_encoder.tokenizer_path,
+                                        cfg.text_encoder.max_length, cfg.text_encoder.cache_size)
+        self.vae: Autoencoder = build_vae(cfg.vae.path)
+        self._derive_model_inputs()
+        self.model = ECDiT(cfg.model, cfg.moe, ctx)
+        self.optimizer = build_optimizer(cfg.optim, self.model)
+        self.scheduler = build_scheduler(cfg.optim, self.optimizer, cfg.train.steps)
+        self.ema = EMA(self.model, cfg.optim.ema_decay)
+        self.uncond = self.text_encoder.encode([""])  # for caption dropout and guidance
+        self.autocast = (torch.autocast("cpu" if not torch.cuda.is_available() else "cuda",
+                                        dtype=torch.bfloat16)
+                         if cfg.train.precision == "bf16" else nullcontext())
+
+    def _derive_model_inputs(self) -> None:
+        """The model's input channels, size and text width follow the frozen encoders."""
+        m, d = self.cfg.model, self.cfg.data
+        derived = {"in_channels": self.vae.latent_channels,
+                   "input_size": self.vae.latent_size(d.image_size),
+                   "text_dim": self.text_encoder.dim}
+        for key, value in derived.items():
+            setattr(m, key, value)
+        m.validate()
+
+    def batches(self):
+        d = self.cfg.data
+        if d.generate == "if_absent":
+            written = write_missing_synthetic_shards(d.urls, d.samples_per_shard, d.image_size,
+                                                     d.seed)
+            if written:
+                print(f"wrote {len(written)} synthetic shards for {d.urls}")
+        rank, size = data_parallel_rank_and_size()
+        dataset = build_image_text_dataset(d.urls, d.image_size, seed=d.seed,
+                                           shuffle_buffer=d.shuffle_buffer, dp_rank=rank,
+                                           dp_size=size)
+        yield from build_dataloader(dataset, self.cfg.train.micro_batch_size, d.num_workers)
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        cfg = self.cfg.diffusion
+        g = self.generator
+        with torch.no_grad():
+            x0 = self.vae.encode(batch["image"])
+            B = x0.shape[0]
+            drop = torch.rand(B, generator=g) < cfg.caption_dropout
+            captions = ["" if dropped else c for c, dropped in zip(batch["caption"], drop)]
+            text, mask = self.text_encoder.encode(captions)
+            t = sample_timesteps(B, cfg.logit_mean, cfg.logit_std, generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            x_t, target = add_noise(x0, noise, t)
+            keep = None
+            if cfg.mask_ratio > 0:  # MaskDiT: the model sees, and is scored on, kept tokens only
+                S = self.cfg.model.num_patches
+                keep_n = max(1, round(S * (1 - cfg.mask_ratio)))
+                keep = torch.rand(B, S, generator=g).argsort(dim=1)[:, :keep_n].sort(1).values
+                rows = patchify(target, self.cfg.model.patch_size)
+                target = torch.gather(rows, 1, keep[..., None].expand(-1, -1, rows.shape[-1]))
+        with self.autocast:
+            out = self.model(x_t, t, text, mask, keep)
+        loss = flow_matching_loss(out.prediction.float(), target)
+        if out.aux_loss is not None:
+            loss = loss + self.cfg.moe.aux_loss_coeff * out.aux_loss
+        return loss, out
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], record_at: Optional[list[float]] = None, seed: int = 0):
+        """Sample with EMA weights and CFG; optionally record routing maps at timesteps."""
+        cfg, m = self.cfg.diffusion, self.cfg.model
+        backup = {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                  if isinstance(v, torch.Tensor)}
+        self.ema.copy_to(self.model)
+        self.model.eval()
+        text, mask = self.text_encoder.encode(prompts)
+        uncond = tuple(u.expand(len(prompts), *u.shape[1:]) for u in self.uncond)
+        record_steps = {round((1 - t) * cfg.sample_steps): t for t in (record_at or [])}
+        maps: dict[float, dict[int, torch.Tensor]] = {}
+        state = {"t": None}
+
+        def model_fn(x, t, cond):
+            out = self.model(x, t, *cond)
+            if state["t"] is not None:
+                maps[state["t"]] = {k: v.experts_per_token[:len(prompts)].clone()
+                                    for k, v in out.routing.items()}
+                state["t"] = None
+            return out.prediction
+
+        def callback(step, t, x):
+            state["t"] = record_steps.get(step)
+
+        noise = noise_from_seed((len(prompts), m.in_channels, m.input_size, m.input_size), seed)
+        latents = sample(model_fn, noise, steps=cfg.sample_steps, method=cfg.sampler,
+                         cfg_scale=cfg.cfg_scale, cond=(text, mask), uncond=uncond,
+                         callback=callback)
+        self.model.load_state_dict(backup, strict=False)
+        self.model.train()
+        return self.vae.decode(latents), maps
+
+
+def routing_metrics(routing: dict[int, Any]) -> dict[str, float]:
+    metrics = {}
+    for block, stats in routing.items():
+        metrics[f"routing/block{block}/mean_experts_per_token"] = \
+            stats.mean_experts_per_token.item()
+        metrics[f"routing/block{block}/unrouted_fraction"] = stats.unrouted_fraction.item()
+        metrics[f"routing/block{block}/entropy"] = stats.router_entropy.item()
+    return metrics
+
+
+def write_pictures(job: Job, suffix: str = "") -> None:
+    cfg = job.cfg.train
+    images, maps = job.generate(cfg.sample_prompts, cfg.compute_map_timesteps)
+    save_sample_grid(images, cfg.sample_prompts, job.out / f"samples{suffix}.png")
+    if maps and next(iter(maps.values())):
+        n = cfg.compute_map_prompts
+        save_compute_map(images[:n], cfg.sample_prompts[:n],
+                         {t: {k: v[:n] for k, v in layer_maps.items()}
+                          for t, layer_maps in maps.items()},
+                         job.cfg.moe.num_experts, job.out / f"compute_map{suffix}.png")
+
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run the job described by cfg; returns a summary (first/last-100-step mean losses)."""
+    job = Job(cfg)
+    out = job.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    tc = cfg.train
+    writer = None
+    if tc.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out / "tb"))
+    params = sum(p.numel() for p in job.model.parameters())
+    print(f"EC-DiT: {params / 1e6:.2f}M parameters, {cfg.model.num_layers} blocks, "
+          f"{cfg.moe.num_experts} experts on blocks "
+          f"{cfg.moe.moe_layer_indices(cfg.model.num_layers)}, "
+          f"{cfg.model.num_patches} tokens per image; {tc.steps} steps of {tc.micro_batch_size}")
+    losses: list[float] = []
+    metrics_file = (out / "metrics.jsonl").open("w")
+    bar = tqdm(total=tc.steps, disable=not tc.progress, mininterval=2.0, desc="train")
+    start = time.perf_counter()
+    batches = job.batches()
+    for step in range(1, tc.steps + 1):
+        step_start = time.perf_counter()
+        batch = next(batches)
+        loss, out_ = job.loss(batch)
+        job.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), cfg.optim.grad_clip)
+        job.optimizer.step()
+        job.scheduler.step()
+        job.ema.update(job.model)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value} at step {step}")
+        losses.append(value)
+        record = {"step": step, "loss": value, "lr": job.scheduler.get_last_lr()[0],
+                  "grad_norm": grad_norm.item(),
+                  "samples_per_s": len(batch["caption"]) / (time.perf_counter() - step_start)}
+        if step % tc.log_interval == 0 or step == tc.steps:
+            record.update(routing_metrics(out_.routing))
+            if writer is not None:
+                for key, val in record.items():
+                    if key != "step":
+                        writer.add_scalar(key, val, step)
+            bar.write(f"step {step:>6}  loss {value:.4f}  lr {record['lr']:.2e}  "
+                      f"grad {record['grad_norm']:.3f}  {record['samples_per_s']:.0f} samples/s")
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        bar.set_postfix(loss=f"{value:.3f}")
+        bar.update(1)
+        if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 \
+                or step == tc.steps:
+            save_checkpoint(out / "checkpoints", step, model=job.model,
+                            ema=job.ema.state_dict(), optimizer=job.optimizer,
+                            scheduler=job.scheduler, meta={"config": cfg.to_dict()},
+                            keep_last=cfg.checkpoint.keep_last)
+        if tc.sample_interval and step % tc.sample_interval == 0 and step != tc.steps:
+            write_pictures(job, suffix=f"_step{step}")
+    bar.close()
+    metrics_file.close()
+    write_pictures(job)
+    if writer is not None:
+        writer.close()
+    n = min(100, len(losses))
+    summary = {"first_loss_mean": sum(losses[:n]) / n, "last_loss_mean": sum(losses[-n:]) / n,
+               "seconds": time.perf_counter() - start}
+    summary["ratio"] = summary["last_loss_mean"] / summary["first_loss_mean"]
+    print(f"done in {summary['seconds']:.0f}s: mean loss of the first {n} steps "
+          f"{summary['first_loss_mean']:.4f}, of the last {n} {summary['last_loss_mean']:.4f} "
+          f"(ratio {summary['ratio']:.2f}); outputs in {out}/")
+    return summary
