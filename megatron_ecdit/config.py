@@ -197,6 +197,7 @@ class DiffusionConfig:
     mask_ratio: float = 0.0  # MaskDiT-style token masking in training (paper: 0.5)
     sampler: Literal["euler", "heun"] = "euler"
     sample_steps: int = 25
+    sample_shift: float = 1.0  # SD3 timestep shift of the sampling grid; > 1 = more high-noise steps
     cfg_scale: float = 4.0
 
 

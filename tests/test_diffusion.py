@@ -80,6 +80,15 @@ def _x1(shape=(2, 3, 4, 4), seed=0):
     return noise_from_seed(shape, seed).double()
 
 
+def test_shifted_timestep_grid():
+    grid = timestep_grid(4, shift=3.0)
+    expected = [1.0, 3 * 0.75 / (1 + 2 * 0.75), 3 * 0.5 / 2.0, 3 * 0.25 / 1.5, 0.0]
+    assert grid.tolist() == pytest.approx(expected)
+    assert timestep_grid(4, shift=1.0).tolist() == timestep_grid(4).tolist()
+    with pytest.raises(ValueError, match="shift"):
+        timestep_grid(4, shift=0.0)
+
+
 def test_timestep_grid():
     grid = timestep_grid(4)
     assert grid.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]

@@ -28,11 +28,18 @@ ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
 Callback = Callable[[int, float, Tensor], None]
 
 
-def timestep_grid(steps: int) -> Tensor:
-    """The uniform grid ``1 = t_0 > t_1 > ... > t_steps = 0``; float64 (steps + 1,)."""
+def timestep_grid(steps: int, shift: float = 1.0) -> Tensor:
+    """The grid ``1 = t_0 > t_1 > ... > t_steps = 0``; float64 (steps + 1,).
+
+    Uniform for shift = 1; otherwise SD3's shift t -> s t / (1 + (s - 1) t), which for s > 1
+    spends more steps at high noise, where the global layout of an image is decided.
+    """
     if steps < 1:
         raise ValueError(f"sampling needs steps >= 1, got {steps}")
-    return torch.tensor([1.0 - i / steps for i in range(steps)] + [0.0], dtype=torch.float64)
+    if shift <= 0:
+        raise ValueError(f"timestep shift must be > 0, got {shift}")
+    grid = torch.tensor([1.0 - i / steps for i in range(steps)] + [0.0], dtype=torch.float64)
+    return shift * grid / (1 + (shift - 1) * grid)
 
 
 def noise_from_seed(shape: tuple[int, ...] | torch.Size, seed: int,
@@ -77,7 +84,7 @@ def classifier_free_guidance(model_fn: ModelFn, cond: Any, uncond: Any,
 def sample(velocity_fn: VelocityFn | ModelFn, noise: Tensor, *, steps: int,
            method: Literal["euler", "heun"] = "euler", cfg_scale: float = 1.0,
            cond: Any = None, uncond: Any = None,
-           callback: Optional[Callback] = None) -> Tensor:
+           callback: Optional[Callback] = None, shift: float = 1.0) -> Tensor:
     """Integrate from ``noise`` at t = 1 to t = 0; returns x_0 with the shape of ``noise``.
 
     Without ``cond``, ``velocity_fn(x, t)`` is the field itself and ``cfg_scale`` must be 1.
@@ -96,7 +103,7 @@ def sample(velocity_fn: VelocityFn | ModelFn, noise: Tensor, *, steps: int,
     else:
         field = classifier_free_guidance(velocity_fn, cond, uncond, cfg_scale)
 
-    grid = timestep_grid(steps).tolist()
+    grid = timestep_grid(steps, shift).tolist()
     x = noise  # (B, ...)
     batch = x.shape[0]
 

@@ -30,7 +30,7 @@ from megatron_ecdit.config import Config, ConfigError
 from megatron_ecdit.data.shards import build_dataloader, build_image_text_dataset
 from megatron_ecdit.data.synthetic import write_missing_synthetic_shards
 from megatron_ecdit.diffusion.rectified_flow import add_noise, flow_matching_loss, sample_timesteps
-from megatron_ecdit.diffusion.sampling import noise_from_seed, sample
+from megatron_ecdit.diffusion.sampling import noise_from_seed, sample, timestep_grid
 from megatron_ecdit.encoders.text import TextEncoder
 from megatron_ecdit.encoders.vae import Autoencoder, build_vae
 from megatron_ecdit.models.ecdit import ECDiT
@@ -125,7 +125,11 @@ class Job:
         self.model.eval()
         text, mask = self.text_encoder.encode(prompts)
         uncond = tuple(u.expand(len(prompts), *u.shape[1:]) for u in self.uncond)
-        record_steps = {round((1 - t) * cfg.sample_steps): t for t in (record_at or [])}
+        evaluated = timestep_grid(cfg.sample_steps, cfg.sample_shift)[:-1]
+        record_steps = {}  # sampling step -> its timestep, nearest to each requested one
+        for t in record_at or []:
+            step = int((evaluated - t).abs().argmin())
+            record_steps[step] = float(evaluated[step])
         maps: dict[float, dict[int, torch.Tensor]] = {}
         state = {"t": None}
 
@@ -143,7 +147,7 @@ class Job:
         noise = noise_from_seed((len(prompts), m.in_channels, m.input_size, m.input_size), seed)
         latents = sample(model_fn, noise, steps=cfg.sample_steps, method=cfg.sampler,
                          cfg_scale=cfg.cfg_scale, cond=(text, mask), uncond=uncond,
-                         callback=callback)
+                         callback=callback, shift=cfg.sample_shift)
         self.model.load_state_dict(backup, strict=False)
         self.model.train()
         return self.vae.decode(latents), maps
