@@ -204,8 +204,8 @@ class DiffusionConfig:
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "rmsprop"] = "adamw"
-    lr: float = 1e-3
-    min_lr: float = 1e-4
+    lr: float = 2e-3
+    min_lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     momentum: float = 0.9  # rmsprop
