@@ -149,7 +149,7 @@ class ParallelConfig:
     pp: int = 1
     vpp: int = 1
     ep: int = 1
-    etp: int = 1
+    etp: Optional[int] = None  # expert tensor parallel size; None = tp
     zero: Literal["megatron", "deepspeed"] = "megatron"
     zero_stage: int = 1
     overlap_grad_reduce: bool = False
@@ -225,8 +225,8 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 800
-    micro_batch_size: int = 32
+    steps: int = 1500
+    micro_batch_size: int = 16
     seed: int = 1234
     precision: Literal["fp32", "bf16"] = "fp32"
     output_dir: str = "outputs/demo"

@@ -12,6 +12,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 @pytest.fixture(scope="session")
 def ctx():
-    from megatron_ecdit.config import ParallelConfig
+    from megatron_ecdit.config import Config
+    from megatron_ecdit.parallel.layout import ParallelLayout
     from megatron_ecdit.parallel.setup import initialize_parallel
-    return initialize_parallel(ParallelConfig())
+    return initialize_parallel(ParallelLayout.build(Config(), world_size=1))

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                    gather_from_sequence_parallel_region,
+                                                    scatter_to_sequence_parallel_region)
 from torch import nn
 
 from megatron_ecdit.config import ModelConfig, MoEConfig
@@ -35,16 +38,24 @@ def modulate(x_SBD: torch.Tensor, shift_BD: torch.Tensor, scale_BD: torch.Tensor
 
 
 class AdaLNModulation(nn.Module):
-    """SiLU -> Linear(Dc, n * D), zero-initialised (adaLN-Zero), replicated output."""
+    """SiLU -> Linear(Dc, n * D), zero-initialised (adaLN-Zero), replicated output.
+
+    Under sequence parallelism each TP rank applies the modulation to its own slice of the
+    tokens, so the gradient reaching the modulation is partial: it is summed over TP on the way
+    back (megatron's copy-to-TP-region), and everything upstream sees the full gradient."""
 
     def __init__(self, ctx: ParallelContext, cond_size: int, hidden_size: int, chunks: int):
         super().__init__()
         self.chunks = chunks
         self.linear = ColumnLinear(ctx.replicated_input(), cond_size, chunks * hidden_size,
                                    gather_output=True, init_std=0.0)
+        self.sp_group = ctx.tp_group if ctx.sequence_parallel else None
 
     def forward(self, c_BDc: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.linear(nn.functional.silu(c_BDc)).chunk(self.chunks, dim=-1)
+        out = self.linear(nn.functional.silu(c_BDc))
+        if self.sp_group is not None:
+            out = copy_to_tensor_model_parallel_region(out, group=self.sp_group)
+        return out.chunk(self.chunks, dim=-1)
 
 
 class ECDiTBlock(nn.Module):
@@ -56,6 +67,8 @@ class ECDiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.self_attn = Attention(ctx, d, model.num_heads, model.num_kv_heads)
         self.norm_cross = nn.LayerNorm(d, eps=1e-6)
+        for p in self.norm_cross.parameters():  # sees a sequence slice: grads summed over TP
+            p.sequence_parallel = ctx.sequence_parallel
         self.cross_attn = Attention(ctx, d, model.num_heads, model.num_kv_heads, cross=True,
                                     zero_out=True)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
@@ -82,7 +95,8 @@ class FinalLayer(nn.Module):
         super().__init__()
         d, p = model.hidden_size, model.patch_size
         self.norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.modulation = AdaLNModulation(ctx, model.cond_size, d, 2)
+        # The final layer sees the whole (gathered) sequence even under sequence parallelism.
+        self.modulation = AdaLNModulation(ctx.replicated_input(), model.cond_size, d, 2)
         self.linear = nn.Linear(d, p * p * model.in_channels)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
@@ -118,6 +132,7 @@ class ECDiT(nn.Module):
                                if i in moe_layers else None)
             for i in range(model.num_layers)})
         self.final = FinalLayer(ctx, model)
+        self.sp_group = ctx.tp_group if ctx.sequence_parallel else None
 
     def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, text_BLT: torch.Tensor,
                 text_mask_BL: torch.Tensor, keep_idx_BK: Optional[torch.Tensor] = None
@@ -127,6 +142,8 @@ class ECDiT(nn.Module):
         if keep_idx_BK is not None:
             x_BSD = torch.gather(x_BSD, 1, keep_idx_BK[..., None].expand(-1, -1, x_BSD.shape[-1]))
         x_SBD = x_BSD.transpose(0, 1)
+        if self.sp_group is not None:  # each TP rank keeps its slice of the sequence
+            x_SBD = scatter_to_sequence_parallel_region(x_SBD, group=self.sp_group)
         c_BDc = self.t_embedder(t_B)
         text_LBD = self.caption_proj(text_BLT).transpose(0, 1)
         routing: dict[int, RoutingStats] = {}
@@ -137,6 +154,9 @@ class ECDiT(nn.Module):
                 routing[int(name)] = ffn.stats
             if ffn.aux_loss is not None:
                 aux_loss = ffn.aux_loss if aux_loss is None else aux_loss + ffn.aux_loss
+        if self.sp_group is not None:
+            x_SBD = gather_from_sequence_parallel_region(x_SBD, tensor_parallel_output_grad=False,
+                                                         group=self.sp_group)
         rows_BSP = self.final(x_SBD, c_BDc).transpose(0, 1)
         if keep_idx_BK is not None:
             return ECDiTOutput(rows_BSP, routing, aux_loss)

@@ -3,19 +3,22 @@
 Expert choice gives every expert exactly the same number of tokens, so all local experts run
 as two batched matmuls (`torch.bmm`) with no padding, sorting or per-expert loop. Weights are
 stored as (E_local, D, H_local) and (E_local, H_local, D): sharding over expert parallelism
-slices dim 0, expert tensor parallelism slices H. The partial sums of an expert-TP shard are
-reduced by the caller-supplied `reduce_output` (identity in a single process); this module
-never looks up process groups itself.
+slices dim 0, expert tensor parallelism slices H. Under expert TP the input enters through
+megatron-core's copy-to-TP-region (its gradient is summed over the shards) and the partial
+outputs leave through reduce-from-TP-region; the group is handed in, never looked up.
 
 Shape legend: E local experts, N tokens per expert, D hidden, H expert hidden (this shard).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                    reduce_from_tensor_model_parallel_region)
 from torch import nn
 
 from megatron_ecdit.config import Activation
@@ -27,7 +30,7 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int,
                  activation: Activation = "gelu", init_std: float = 0.02,
                  output_init_std: Optional[float] = None,
-                 reduce_output: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+                 tp_group: Optional[dist.ProcessGroup] = None):
         super().__init__()
         self.activation = activation
         up = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
@@ -35,10 +38,12 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
         self.init_std = init_std
         self.output_init_std = output_init_std or init_std
-        self.reduce_output = reduce_output
-        # megatron-core's DDP reads `allreduce` to reduce expert grads over expert-DP only.
-        for p in (self.w1, self.w2):
-            p.allreduce = False
+        self.tp_group = tp_group if tp_group is not None and tp_group.size() > 1 else None
+        # megatron-core's DDP reads `allreduce` to reduce expert grads over expert-DP only;
+        # parallel/sharding.py reads expert_dims = (EP dim, expert-TP dim, halves along it).
+        self.w1.allreduce = self.w2.allreduce = False
+        self.w1.expert_dims = (0, 2, 2 if activation == "swiglu" else 1)
+        self.w2.expert_dims = (0, 1, 1)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -48,6 +53,8 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w2, std=self.output_init_std)
 
     def forward(self, x_END: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is not None:
+            x_END = copy_to_tensor_model_parallel_region(x_END, group=self.tp_group)
         h_ENH = torch.bmm(x_END, self.w1)
         if self.activation == "swiglu":
             gate, up = h_ENH.chunk(2, dim=-1)
@@ -55,4 +62,6 @@ class GroupedExperts(nn.Module):
         else:
             h_ENH = F.gelu(h_ENH, approximate="tanh")
         y_END = torch.bmm(h_ENH, self.w2)
-        return self.reduce_output(y_END) if self.reduce_output is not None else y_END
+        if self.tp_group is not None:
+            y_END = reduce_from_tensor_model_parallel_region(y_END, group=self.tp_group)
+        return y_END

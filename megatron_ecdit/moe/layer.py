@@ -7,8 +7,11 @@ Algorithm 1 is never built (see `reference.py` for the literal version used as a
 A token chosen by no expert gets zero here and keeps only the block's residual.
 
 Movement of the expert buffer between ranks is the dispatcher's job (`LocalDispatcher` in one
-process; an all-to-all under expert parallelism), so the math in this file never changes with
-the layout. `DenseFFN` is the dense baseline under the same interface.
+process; an all-to-all under expert parallelism, moe/dispatch.py), so the math in this file
+never changes with the layout. Under sequence parallelism each TP rank holds a slice of every
+image's tokens, but an expert chooses among all tokens of an image: the layer gathers the
+sequence on entry and keeps its own slice on exit. `DenseFFN` is the dense baseline under the
+same interface.
 
 Shape legend: S sequence, B batch, D hidden, E experts, N tokens per expert, Dc cond width.
 """
@@ -19,11 +22,15 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.mappings import (gather_from_sequence_parallel_region,
+                                                    scatter_to_sequence_parallel_region)
 from torch import nn
 
 from megatron_ecdit.config import MoEConfig
 from megatron_ecdit.models.tensor_parallel import ColumnLinear, ParallelContext, RowLinear
+from megatron_ecdit.moe.dispatch import AllToAllDispatcher
 from megatron_ecdit.moe.experts import GroupedExperts
 from megatron_ecdit.moe.router import ExpertChoiceRouter, Routing, TokenChoiceRouter
 
@@ -77,15 +84,32 @@ class MoELayer(nn.Module):
 
     def __init__(self, router: nn.Module, experts: GroupedExperts,
                  dispatcher: Optional[nn.Module] = None,
-                 shared_expert: Optional[nn.Module] = None):
+                 shared_expert: Optional[nn.Module] = None,
+                 sequence_parallel_group: Optional[dist.ProcessGroup] = None):
         super().__init__()
         self.router = router
         self.experts = experts
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         self.shared_expert = shared_expert
+        self.sp_group = sequence_parallel_group
 
     def forward(self, x_SBD: torch.Tensor, router_x_SBD: Optional[torch.Tensor] = None,
                 cond_BDc: Optional[torch.Tensor] = None) -> FFNOutput:
+        if self.sp_group is None:
+            return self._forward(x_SBD, router_x_SBD, cond_BDc)
+        # Every TP rank routes the whole sequence; gradients flow back to each rank's slice.
+        out = self._forward(self._gather(x_SBD), self._gather(router_x_SBD), cond_BDc)
+        out.output = scatter_to_sequence_parallel_region(out.output, group=self.sp_group)
+        return out
+
+    def _gather(self, x_SBD: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if x_SBD is None:
+            return None
+        return gather_from_sequence_parallel_region(x_SBD, tensor_parallel_output_grad=False,
+                                                    group=self.sp_group)
+
+    def _forward(self, x_SBD: torch.Tensor, router_x_SBD: Optional[torch.Tensor],
+                 cond_BDc: Optional[torch.Tensor]) -> FFNOutput:
         S, B, D = x_SBD.shape
         x_flat = x_SBD.reshape(S * B, D)
 
@@ -100,7 +124,7 @@ class MoELayer(nn.Module):
         out = torch.zeros_like(x_flat, dtype=weighted.dtype)
         out = out.index_add(0, routing.token_index_EN.reshape(-1), weighted)
         out_SBD = out.view(S, B, D)
-        if self.shared_expert is not None:
+        if self.shared_expert is not None:  # a dense TP FFN on the full (gathered) sequence
             out_SBD = out_SBD + self.shared_expert(x_SBD).output
         return FFNOutput(out_SBD, routing_stats(routing, S, B), routing.aux_loss)
 
@@ -144,7 +168,11 @@ def build_ffn(ctx: ParallelContext, hidden_size: int, ffn_hidden_size: int, moe:
         router = TokenChoiceRouter(hidden_size, moe.num_experts, moe.top_k, capacity_factor,
                                    moe.pool, moe.group_size, router_cond)
     experts = GroupedExperts(moe.num_experts // ctx.ep_size, hidden_size,
-                             ffn_hidden_size // ctx.expert_tp_size, moe.activation)
-    shared = (DenseFFN(ctx, hidden_size, moe.shared_expert_size, moe.activation)
-              if moe.shared_expert_size else None)
-    return MoELayer(router, experts, shared_expert=shared)
+                             ffn_hidden_size // ctx.expert_tp_size, moe.activation,
+                             tp_group=ctx.expert_tp_group)
+    # The shared expert sees the gathered sequence, so it is built without sequence parallelism.
+    shared = (DenseFFN(ctx.replicated_input(), hidden_size, moe.shared_expert_size,
+                       moe.activation) if moe.shared_expert_size else None)
+    dispatcher = AllToAllDispatcher(ctx.ep_group) if ctx.ep_size > 1 else None
+    return MoELayer(router, experts, dispatcher, shared,
+                    ctx.tp_group if ctx.sequence_parallel else None)

@@ -3,6 +3,7 @@
 This is the only place that creates or looks up process groups; models receive the result.
 Launched by torchrun the world comes from the environment; run as a plain script it is a
 one-process gloo world, so megatron-core's layers find their (size-one) groups either way.
+On a machine without CUDA the CPU compatibility layer is applied first.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 
-from megatron_ecdit.config import ConfigError, ParallelConfig
 from megatron_ecdit.models.tensor_parallel import ParallelContext
+from megatron_ecdit.parallel import cpu_compat
+from megatron_ecdit.parallel.layout import ParallelLayout
+
+
+_groups_for: tuple[int, ...] | None = None  # the degrees parallel_state was initialised with
 
 
 def _free_port() -> int:
@@ -27,6 +32,7 @@ def _free_port() -> int:
 
 def init_distributed() -> None:
     """Join the torchrun world, or start a one-process world when not under a launcher."""
+    cpu_compat.apply()
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -40,27 +46,33 @@ def init_distributed() -> None:
         dist.init_process_group(backend)
 
 
-def initialize_parallel(parallel: ParallelConfig) -> ParallelContext:
-    """Create megatron-core's groups for `parallel` and return the context models are built with."""
+def world_size() -> int:
     init_distributed()
-    world = dist.get_world_size()
-    model_parallel = parallel.tp * parallel.pp
-    if world % model_parallel:
-        raise ConfigError(f"world size {world} is not divisible by parallel.tp x parallel.pp "
-                          f"= {model_parallel}")
-    if not parallel_state.model_parallel_is_initialized():
+    return dist.get_world_size()
+
+
+def initialize_parallel(layout: ParallelLayout) -> ParallelContext:
+    """Create megatron-core's groups for `layout` (replacing any previous ones) and return the
+    context models are built with."""
+    global _groups_for
+    init_distributed()
+    degrees = (layout.tp, layout.pp, layout.vpp, layout.ep, layout.etp)
+    if _groups_for != degrees:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=parallel.tp,
-            pipeline_model_parallel_size=parallel.pp,
-            virtual_pipeline_model_parallel_size=parallel.vpp if parallel.vpp > 1 else None,
-            expert_model_parallel_size=parallel.ep,
-            expert_tensor_parallel_size=parallel.etp)
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+            expert_model_parallel_size=layout.ep,
+            expert_tensor_parallel_size=layout.etp)
+        _groups_for = degrees
     mp_config = ModelParallelConfig(
-        tensor_model_parallel_size=parallel.tp,
-        sequence_parallel=parallel.sp and parallel.tp > 1,
-        pipeline_model_parallel_size=parallel.pp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.etp,
+        tensor_model_parallel_size=layout.tp,
+        sequence_parallel=layout.sp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
         use_cpu_initialization=not torch.cuda.is_available(),
         params_dtype=torch.float32)
     return ParallelContext(

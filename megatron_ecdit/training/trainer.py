@@ -35,7 +35,9 @@ from megatron_ecdit.encoders.text import TextEncoder
 from megatron_ecdit.encoders.vae import Autoencoder, build_vae
 from megatron_ecdit.models.ecdit import ECDiT
 from megatron_ecdit.models.embedders import patchify
-from megatron_ecdit.parallel.setup import data_parallel_rank_and_size, initialize_parallel
+from megatron_ecdit.parallel.layout import ParallelLayout
+from megatron_ecdit.parallel.setup import (data_parallel_rank_and_size, initialize_parallel,
+                                           world_size)
 from megatron_ecdit.training.optim import EMA, build_optimizer, build_scheduler
 from megatron_ecdit.training.visualize import save_compute_map, save_sample_grid
 
@@ -46,7 +48,7 @@ class Job:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
-        ctx = initialize_parallel(cfg.parallel)
+        ctx = initialize_parallel(ParallelLayout.build(cfg, world_size()))
         if dist.get_world_size() > 1:
             raise ConfigError("this trainer runs in one process; multi-process layouts "
                               f"(world size {dist.get_world_size()}) are not supported yet")

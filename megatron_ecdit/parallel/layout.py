@@ -1,0 +1,98 @@
+"""One validated parallel layout: every degree, checked against the model and the world size.
+
+`ParallelLayout.build(cfg, world_size)` turns the `parallel` section of a config into degrees
+(TP, SP, PP, VPP, EP, expert-TP, DP, expert-DP) and the ZeRO backend, and refuses impossible
+combinations before any process group or model exists, naming the constraint. The rank grid
+follows megatron-core's order (tp-cp-ep-dp-pp for experts, tp-cp-dp-pp for the rest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_ecdit.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    world_size: int
+    tp: int = 1
+    sp: bool = False
+    pp: int = 1
+    vpp: int = 1
+    ep: int = 1
+    etp: int = 1
+    zero: str = "megatron"
+    zero_stage: int = 1
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree of the dense (non-expert) parameters."""
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def expert_dp(self) -> int:
+        """Data-parallel degree of the expert parameters (the expert-DP group)."""
+        return self.world_size // (self.etp * self.ep * self.pp)
+
+    def describe(self) -> str:
+        return (f"TP{self.tp}{'+SP' if self.sp else ''} x PP{self.pp}"
+                f"{f'(VPP{self.vpp})' if self.vpp > 1 else ''} x DP{self.dp}, experts EP{self.ep}"
+                f" x ETP{self.etp} x EDP{self.expert_dp}, ZeRO-{self.zero_stage} ({self.zero})")
+
+    @classmethod
+    def build(cls, cfg: Config, world_size: int) -> "ParallelLayout":
+        p, m, moe = cfg.parallel, cfg.model, cfg.moe
+        etp = p.etp if p.etp is not None else p.tp
+        for name, value in (("tp", p.tp), ("pp", p.pp), ("vpp", p.vpp), ("ep", p.ep),
+                            ("etp", etp)):
+            if value < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {value}")
+        if world_size % (p.tp * p.pp):
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tp x "
+                              f"parallel.pp = {p.tp} x {p.pp}")
+        if world_size % (etp * p.ep * p.pp):
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.etp x "
+                              f"parallel.ep x parallel.pp = {etp} x {p.ep} x {p.pp}")
+        if m.num_heads % p.tp:
+            raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by "
+                              f"parallel.tp={p.tp}")
+        if m.num_kv_heads % p.tp:
+            raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} is not divisible by "
+                              f"parallel.tp={p.tp}")
+        if m.ffn_size % p.tp:
+            raise ConfigError(f"FFN hidden size {m.ffn_size} is not divisible by "
+                              f"parallel.tp={p.tp}")
+        if m.num_layers % (p.pp * p.vpp):
+            raise ConfigError(f"model.num_layers={m.num_layers} is not divisible by "
+                              f"parallel.pp x parallel.vpp = {p.pp} x {p.vpp}")
+        if p.vpp > 1 and p.pp == 1:
+            raise ConfigError("parallel.vpp > 1 needs parallel.pp > 1")
+        if p.sp and p.tp == 1:
+            raise ConfigError("parallel.sp (sequence parallelism) needs parallel.tp > 1")
+        if moe.num_experts and p.tp > 1 and etp != p.tp:
+            raise ConfigError(f"parallel.etp={etp} must equal parallel.tp={p.tp}: the experts "
+                              "of a TP group see the same tokens and split their hidden size")
+        if p.sp and m.num_patches % p.tp:
+            raise ConfigError(f"{m.num_patches} tokens per image are not divisible by "
+                              f"parallel.tp={p.tp} (sequence parallelism)")
+        if p.ep > 1 and moe.num_experts == 0:
+            raise ConfigError("parallel.ep > 1 needs moe.num_experts > 0")
+        if moe.num_experts:
+            if moe.num_experts % p.ep:
+                raise ConfigError(f"moe.num_experts={moe.num_experts} is not divisible by "
+                                  f"parallel.ep={p.ep}")
+            if m.ffn_size % etp:
+                raise ConfigError(f"expert hidden size {m.ffn_size} is not divisible by "
+                                  f"parallel.etp={etp}")
+        if p.zero == "deepspeed":
+            if p.pp > 1:
+                raise ConfigError("parallel.zero=deepspeed works with parallel.pp = 1 only "
+                                  "(DeepSpeed ZeRO-2/3 do not combine with pipelining)")
+            if p.zero_stage not in (1, 2, 3):
+                raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3 for DeepSpeed, "
+                                  f"got {p.zero_stage}")
+        elif p.zero_stage not in (0, 1):
+            raise ConfigError(f"parallel.zero=megatron supports zero_stage 0 (DDP) or 1 "
+                              f"(distributed optimizer), got {p.zero_stage}")
+        return cls(world_size, p.tp, p.sp, p.pp, p.vpp, p.ep, etp, p.zero, p.zero_stage)

@@ -1,0 +1,134 @@
+"""Run under torchrun: for each layout, a parallel model's loss and gradients must equal a
+single-process model's on the same weights and global batch. Prints one JSON line per layout
+(on rank 0) with the largest relative errors; exits non-zero on any exception.
+
+    torchrun --nproc-per-node 4 tests/distributed/check_layouts.py '[{"tp": 2}, {"ep": 2}]'
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from megatron.core import parallel_state as ps  # noqa: E402
+
+from megatron_ecdit.config import load_config  # noqa: E402
+from megatron_ecdit.diffusion.rectified_flow import add_noise, flow_matching_loss  # noqa: E402
+from megatron_ecdit.models.ecdit import ECDiT  # noqa: E402
+from megatron_ecdit.models.tensor_parallel import ParallelContext  # noqa: E402
+from megatron_ecdit.parallel.layout import ParallelLayout  # noqa: E402
+from megatron_ecdit.parallel.setup import initialize_parallel, world_size  # noqa: E402
+from megatron_ecdit.parallel.sharding import gather_full, load_full_state  # noqa: E402
+
+MODEL = ["model.hidden_size=64", "model.num_layers=4", "model.num_heads=4",
+         "model.num_kv_heads=2", "model.input_size=16", "model.patch_size=2",
+         "model.text_dim=24", "moe.num_experts=4"]
+MICRO_BATCH = 2
+
+
+def single_rank_group() -> dist.ProcessGroup:
+    """A size-one group per rank, for the reference model (created collectively)."""
+    mine = None
+    for r in range(dist.get_world_size()):
+        group = dist.new_group([r])
+        if r == dist.get_rank():
+            mine = group
+    return mine
+
+
+def global_batch(n: int, cfg):
+    g = torch.Generator().manual_seed(42)
+    m = cfg.model
+    x0 = torch.randn(n, m.in_channels, m.input_size, m.input_size, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.rand(n, generator=g)
+    text = torch.randn(n, 5, m.text_dim, generator=g)
+    mask = torch.ones(n, 5, dtype=torch.bool)
+    mask[::2, 3:] = False
+    x_t, target = add_noise(x0, noise, t)
+    return x_t, t, text, mask, target
+
+
+def loss_of(model, batch):
+    x_t, t, text, mask, target = batch
+    return flow_matching_loss(model(x_t, t, text, mask).prediction, target)
+
+
+def reduce_grads(model, ctx, dp: int) -> None:
+    """What megatron-core's DDP + finalize_model_grads do: SP-tagged params summed over TP;
+    then grads averaged over DP (dense) or expert-DP (experts) with a 1/dp scale."""
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if getattr(p, "sequence_parallel", False) and ctx.tp_size > 1:
+            dist.all_reduce(p.grad, group=ctx.tp_group)
+        p.grad /= dp
+        is_expert = getattr(p, "allreduce", True) is False
+        group = ps.get_expert_data_parallel_group() if is_expert else ps.get_data_parallel_group()
+        dist.all_reduce(p.grad, group=group)
+
+
+def check(spec: dict, ref_group) -> dict:
+    overrides = MODEL + [f"parallel.{k}={v}" for k, v in spec.items()]
+    cfg = load_config(overrides=overrides)
+    layout = ParallelLayout.build(cfg, world_size())
+    ctx = initialize_parallel(layout)
+    torch.manual_seed(0)
+    reference = ECDiT(cfg.model, cfg.moe, ParallelContext(tp_group=ref_group))
+    full_state = {k: v for k, v in reference.state_dict().items() if isinstance(v, torch.Tensor)}
+    model = ECDiT(cfg.model, cfg.moe, ctx)
+    load_full_state(model, full_state, ctx)
+    with torch.no_grad():  # make every zero-initialised weight count
+        g = torch.Generator().manual_seed(1)
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        load_full_state(model, dict(reference.named_parameters()), ctx)
+
+    dp, dp_rank = layout.dp, ps.get_data_parallel_rank()
+    batch = global_batch(dp * MICRO_BATCH, cfg)
+    local = tuple(x[dp_rank * MICRO_BATCH:(dp_rank + 1) * MICRO_BATCH] for x in batch)
+
+    ref_loss = loss_of(reference, batch)
+    ref_loss.backward()
+    loss = loss_of(model, local)
+    loss.backward()
+    reduce_grads(model, ctx, dp)
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss, group=ps.get_data_parallel_group())
+    mean_loss /= dp
+
+    ref_params = dict(reference.named_parameters())
+    # Relative to each tensor's largest gradient, floored at 1e-4 of the model's largest, so a
+    # gradient that is zero in exact arithmetic (e.g. attention key biases) compares as noise.
+    floor = 1e-4 * max(p.grad.abs().max().item() for p in ref_params.values())
+    worst_grad, worst_name = 0.0, ""
+    for name, p in model.named_parameters():
+        full = gather_full(p, ctx, p.grad)
+        want = ref_params[name].grad
+        err = ((full - want).abs().max() / max(want.abs().max().item(), floor)).item()
+        if err > worst_grad:
+            worst_grad, worst_name = err, name
+    loss_err = abs(mean_loss.item() - ref_loss.item()) / abs(ref_loss.item())
+    return {"layout": spec, "describe": layout.describe(), "loss_rel_err": loss_err,
+            "grad_rel_err": worst_grad, "worst": worst_name}
+
+
+def main() -> None:
+    specs = json.loads(sys.argv[1])
+    world_size()
+    ref_group = single_rank_group()
+    for spec in specs:
+        result = check(spec, ref_group)
+        if dist.get_rank() == 0:
+            print("RESULT " + json.dumps(result), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
