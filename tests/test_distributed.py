@@ -1,8 +1,9 @@
-"""Multi-process layouts over gloo: loss and gradients equal the single-process model's.
+"""Multi-process layouts over gloo equal one process on the same weights and global batch.
 
-One torchrun launch checks several layouts (start-up dominates on CPU). Each layout's loss and
-every gathered gradient must match a single-process model on the same weights and global batch
-to 1e-5 relative (fp32).
+Each torchrun launch checks several layouts (start-up dominates on CPU). Per layout, to 1e-5
+relative in fp32: the loss and every gathered gradient of one forward/backward; then the losses
+of 3 AdamW steps with gradient clipping through megatron-core's DDP + distributed optimizer
+(ZeRO-1) and every parameter after them, against torch.optim.AdamW in one process.
 """
 
 import json
@@ -28,21 +29,27 @@ def run_layouts(nproc: int, layouts: list[dict]) -> list[dict]:
             if line.startswith("RESULT ")]
 
 
-LAYOUTS = [{"tp": 2}, {"tp": 2, "sp": True}, {"ep": 2}, {"ep": 4}, {"tp": 2, "ep": 2},
-           {"tp": 2, "sp": True, "ep": 2}]
+LAUNCHES = {
+    2: [{}, {"tp": 2}, {"tp": 2, "sp": True}, {"ep": 2}],  # DP2, TP2, TP2+SP, EP2 (x DP2)
+    4: [{"ep": 4}, {"tp": 2}, {"tp": 2, "ep": 2}, {"tp": 2, "sp": True, "ep": 2}],
+}
+CASES = [(n, i) for n, layouts in LAUNCHES.items() for i in range(len(layouts))]
 
 
 @pytest.fixture(scope="module")
 def results():
-    return run_layouts(4, LAYOUTS)
+    return {n: run_layouts(n, layouts) for n, layouts in LAUNCHES.items()}
 
 
 def test_every_layout_ran(results):
-    assert [r["layout"] for r in results] == LAYOUTS
+    assert {n: [r["layout"] for r in rs] for n, rs in results.items()} == LAUNCHES
 
 
-@pytest.mark.parametrize("index", range(len(LAYOUTS)), ids=[json.dumps(x) for x in LAYOUTS])
-def test_layout_matches_single_process(results, index):
-    r = results[index]
+@pytest.mark.parametrize("nproc,index", CASES,
+                         ids=[f"{n}procs-{json.dumps(LAUNCHES[n][i])}" for n, i in CASES])
+def test_layout_matches_single_process(results, nproc, index):
+    r = results[nproc][index]
     assert r["loss_rel_err"] <= TOL, r
     assert r["grad_rel_err"] <= TOL, r
+    assert r["train_loss_rel_err"] <= TOL, r
+    assert r["train_param_rel_err"] <= TOL, r

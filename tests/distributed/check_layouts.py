@@ -24,6 +24,7 @@ from megatron_ecdit.models.tensor_parallel import ParallelContext  # noqa: E402
 from megatron_ecdit.parallel.layout import ParallelLayout  # noqa: E402
 from megatron_ecdit.parallel.setup import initialize_parallel, world_size  # noqa: E402
 from megatron_ecdit.parallel.sharding import gather_full, load_full_state  # noqa: E402
+from megatron_ecdit.parallel.zero import MegatronZeRO  # noqa: E402
 
 MODEL = ["model.hidden_size=64", "model.num_layers=4", "model.num_heads=4",
          "model.num_kv_heads=2", "model.input_size=16", "model.patch_size=2",
@@ -41,8 +42,8 @@ def single_rank_group() -> dist.ProcessGroup:
     return mine
 
 
-def global_batch(n: int, cfg):
-    g = torch.Generator().manual_seed(42)
+def global_batch(n: int, cfg, seed: int = 42):
+    g = torch.Generator().manual_seed(seed)
     m = cfg.model
     x0 = torch.randn(n, m.in_channels, m.input_size, m.input_size, generator=g)
     noise = torch.randn(x0.shape, generator=g)
@@ -73,25 +74,66 @@ def reduce_grads(model, ctx, dp: int) -> None:
         dist.all_reduce(p.grad, group=group)
 
 
-def check(spec: dict, ref_group) -> dict:
+def models(spec: dict, ref_group):
+    """(cfg, layout, ctx, reference, parallel model) with the same random non-zero weights."""
     overrides = MODEL + [f"parallel.{k}={v}" for k, v in spec.items()]
     cfg = load_config(overrides=overrides)
     layout = ParallelLayout.build(cfg, world_size())
     ctx = initialize_parallel(layout)
     torch.manual_seed(0)
     reference = ECDiT(cfg.model, cfg.moe, ParallelContext(tp_group=ref_group))
-    full_state = {k: v for k, v in reference.state_dict().items() if isinstance(v, torch.Tensor)}
     model = ECDiT(cfg.model, cfg.moe, ctx)
-    load_full_state(model, full_state, ctx)
     with torch.no_grad():  # make every zero-initialised weight count
         g = torch.Generator().manual_seed(1)
         for p in reference.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
         load_full_state(model, dict(reference.named_parameters()), ctx)
+    return cfg, layout, ctx, reference, model
 
-    dp, dp_rank = layout.dp, ps.get_data_parallel_rank()
+
+def local_slice(batch, layout):
+    rank = ps.get_data_parallel_rank()
+    return tuple(x[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH] for x in batch)
+
+
+def check_training(spec: dict, ref_group, steps: int = 3) -> dict:
+    """`steps` AdamW steps with grad clipping: megatron DDP + (distributed) optimizer against
+    torch.optim.AdamW in one process. Losses per step and parameters after."""
+    cfg, layout, ctx, reference, model = models(spec, ref_group)
+    cfg.optim.grad_clip = 0.05  # small enough to be active, so clipping is compared too
+    backend = MegatronZeRO(model, cfg.model, cfg.moe, cfg.optim, ctx, layout)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=cfg.optim.lr,
+                                betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=0.0)
+    loss_errs = []
+    for step in range(steps):
+        batch = global_batch(layout.dp * MICRO_BATCH, cfg, seed=100 + step)
+        ref_opt.zero_grad()
+        ref_loss = loss_of(reference, batch)
+        ref_loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.optim.grad_clip)
+        ref_opt.step()
+        backend.zero_grad()
+        loss = loss_of(backend.module, local_slice(batch, layout))
+        loss.backward()
+        backend.step(cfg.optim.lr)
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss, group=ps.get_data_parallel_group())
+        loss_errs.append(abs(mean_loss.item() / layout.dp - ref_loss.item()) / ref_loss.item())
+    ref_params = dict(reference.named_parameters())
+    worst, worst_name = 0.0, ""
+    for name, p in model.named_parameters():
+        full, want = gather_full(p, ctx), ref_params[name].detach()
+        err = ((full - want).abs().max() / want.abs().max()).item()
+        if err > worst:
+            worst, worst_name = err, name
+    return {"loss_rel_err": max(loss_errs), "param_rel_err": worst, "worst": worst_name}
+
+
+def check(spec: dict, ref_group) -> dict:
+    cfg, layout, ctx, reference, model = models(spec, ref_group)
+    dp = layout.dp
     batch = global_batch(dp * MICRO_BATCH, cfg)
-    local = tuple(x[dp_rank * MICRO_BATCH:(dp_rank + 1) * MICRO_BATCH] for x in batch)
+    local = local_slice(batch, layout)
 
     ref_loss = loss_of(reference, batch)
     ref_loss.backward()
@@ -114,8 +156,11 @@ def check(spec: dict, ref_group) -> dict:
         if err > worst_grad:
             worst_grad, worst_name = err, name
     loss_err = abs(mean_loss.item() - ref_loss.item()) / abs(ref_loss.item())
+    training = check_training(spec, ref_group)
     return {"layout": spec, "describe": layout.describe(), "loss_rel_err": loss_err,
-            "grad_rel_err": worst_grad, "worst": worst_name}
+            "grad_rel_err": worst_grad, "worst": worst_name,
+            "train_loss_rel_err": training["loss_rel_err"],
+            "train_param_rel_err": training["param_rel_err"], "train_worst": training["worst"]}
 
 
 def main() -> None:

@@ -1,0 +1,67 @@
+"""Data parallelism with ZeRO: megatron-core's DDP + DistributedOptimizer behind one adapter.
+
+`MegatronZeRO` wraps a model in megatron-core's DistributedDataParallel (contiguous grad
+buffers; dense grads reduced over DP, expert grads over expert-DP, sequence-parallel norm grads
+over TP by `finalize_model_grads`) and builds megatron-core's optimizer: the distributed
+optimizer (ZeRO-1: fp32 master weights and Adam state sharded over DP) for zero_stage 1, or the
+replicated one for zero_stage 0. The training loop sees only `zero_grad`, `step` and `module`.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                       finalize_model_grads)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer import TransformerConfig
+from torch import nn
+
+from megatron_ecdit.config import ModelConfig, MoEConfig, OptimConfig
+from megatron_ecdit.models.tensor_parallel import ParallelContext
+from megatron_ecdit.parallel.layout import ParallelLayout
+
+
+def transformer_config(model: ModelConfig, moe: MoEConfig, ctx: ParallelContext,
+                       layout: ParallelLayout) -> TransformerConfig:
+    """The megatron-core config its DDP and optimizer read (dims and parallel degrees)."""
+    return TransformerConfig(
+        num_layers=model.num_layers, hidden_size=model.hidden_size,
+        num_attention_heads=model.num_heads, num_query_groups=model.num_kv_heads,
+        tensor_model_parallel_size=layout.tp, sequence_parallel=layout.sp,
+        pipeline_model_parallel_size=layout.pp, expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp, num_moe_experts=moe.num_experts or None,
+        use_cpu_initialization=ctx.mp_config.use_cpu_initialization,
+        gradient_accumulation_fusion=False, bias_activation_fusion=False,
+        masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, add_bias_linear=False)
+
+
+class MegatronZeRO:
+    def __init__(self, model: nn.Module, model_cfg: ModelConfig, moe: MoEConfig,
+                 optim: OptimConfig, ctx: ParallelContext, layout: ParallelLayout):
+        if optim.name != "adamw":
+            raise ValueError("the megatron ZeRO backend supports optim.name=adamw")
+        self.config = transformer_config(model_cfg, moe, ctx, layout)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=layout.zero_stage >= 1,
+            overlap_grad_reduce=False, overlap_param_gather=False)
+        self.module = DistributedDataParallel(self.config, ddp_config, model)
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr,
+                            weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
+                            adam_beta2=optim.betas[1], adam_eps=optim.eps,
+                            clip_grad=optim.grad_clip, bf16=False, params_dtype=torch.float32,
+                            use_distributed_optimizer=layout.zero_stage >= 1),
+            [self.module])
+
+    def zero_grad(self) -> None:
+        self.module.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def step(self, lr: float) -> float:
+        """Reduce grads across the groups, clip, and update; returns the global grad norm."""
+        finalize_model_grads([self.module])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        _, grad_norm, _ = self.optimizer.step()
+        return float(grad_norm)
