@@ -1,7 +1,8 @@
 """Single-process checkpoints: safetensors for weights, atomic publish, `latest` pointer.
 
 A checkpoint is a folder `step_NNNNNNN/` holding model.safetensors, ema.safetensors,
-optimizer.pt (tensors and plain numbers only, read back with weights_only=True) and meta.json.
+optimizer.pt (tensors and plain numbers only, read back with weights_only=True; the learning
+rate is a function of the step) and meta.json.
 It is written under a temporary name and renamed into place; `latest` is written after that,
 so a crash mid-save leaves the previous checkpoint and pointer intact. The last `keep_last`
 checkpoints are kept. Distributed (sharded) checkpoints are a separate module.
@@ -28,7 +29,7 @@ def tensor_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(root: str | os.PathLike, step: int, *, model: nn.Module,
                     ema: Optional[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
-                    scheduler: Any, meta: dict[str, Any], keep_last: int = 2) -> Path:
+                    meta: dict[str, Any], keep_last: int = 2) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
@@ -38,8 +39,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model: nn.Module,
     save_file(tensor_state(model), str(tmp / "model.safetensors"))
     if ema is not None:
         save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               tmp / "optimizer.pt")
+    torch.save({"optimizer": optimizer.state_dict()}, tmp / "optimizer.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -1,6 +1,8 @@
 """Optimizers (AdamW, and the paper's RMSProp with momentum), the LR schedule, and EMA weights.
 
-One builder per concern; the training loop never branches on the optimizer's name.
+`TorchOptimizer` is the one-process backend; `parallel.zero.MegatronZeRO` is the data-parallel
+one. Both offer `module`, `zero_grad()` and `step(lr) -> grad norm`, so the training loop never
+branches on the backend or the optimizer's name.
 """
 
 from __future__ import annotations
@@ -37,10 +39,27 @@ def lr_factor(cfg: OptimConfig, total_steps: int, step: int) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(cfg, total_steps, step))
+def learning_rate(cfg: OptimConfig, total_steps: int, step: int) -> float:
+    return cfg.lr * lr_factor(cfg, total_steps, step)
+
+
+class TorchOptimizer:
+    """One process: a torch optimizer with global-norm gradient clipping."""
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig):
+        self.module = model
+        self.optimizer = build_optimizer(cfg, model)
+        self.grad_clip = cfg.grad_clip
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return float(norm)
 
 
 class EMA:

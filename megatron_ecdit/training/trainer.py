@@ -9,7 +9,10 @@
   compute_map.png  experts per token, per MoE block and timestep, over generated images
 
 The loop knows nothing about the model's internals beyond its output dataclass; the frozen
-encoders are used behind their interfaces; the optimizer comes from one builder.
+encoders are used behind their interfaces; the optimizer is one of two backends with the same
+three calls (one process: TorchOptimizer; several: megatron-core DDP + distributed optimizer).
+Under torchrun every rank trains its data-parallel share; rank 0 writes the outputs, with the
+loss averaged over data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from megatron_ecdit.models.embedders import patchify
 from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.parallel.setup import (data_parallel_rank_and_size, initialize_parallel,
                                            world_size)
-from megatron_ecdit.training.optim import EMA, build_optimizer, build_scheduler
+from megatron_ecdit.parallel.zero import MegatronZeRO
+from megatron_ecdit.training.optim import EMA, TorchOptimizer, learning_rate
 from megatron_ecdit.training.visualize import save_compute_map, save_sample_grid
 
 
@@ -48,20 +52,25 @@ class Job:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
-        ctx = initialize_parallel(ParallelLayout.build(cfg, world_size()))
-        if dist.get_world_size() > 1:
-            raise ConfigError("this trainer runs in one process; multi-process layouts "
-                              f"(world size {dist.get_world_size()}) are not supported yet")
-        torch.manual_seed(cfg.train.seed)
-        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.layout = ParallelLayout.build(cfg, world_size())
+        if self.layout.pp > 1 or self.layout.zero != "megatron":
+            raise ConfigError("pipeline parallelism and the DeepSpeed backend are not available "
+                              f"in the trainer yet (asked: {self.layout.describe()})")
+        ctx = initialize_parallel(self.layout)
+        self.is_writer = dist.get_rank() == 0
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        # Noise, timesteps and caption dropout differ per data-parallel rank, as the data does.
+        dp_rank, _ = data_parallel_rank_and_size()
+        self.generator = torch.Generator().manual_seed(cfg.train.seed + 1000003 * dp_rank)
         # Frozen encoders first: a missing folder fails here, before any training work.
         self.text_encoder = TextEncoder(cfg.text_encoder.path, cfg.text_encoder.tokenizer_path,
                                         cfg.text_encoder.max_length, cfg.text_encoder.cache_size)
         self.vae: Autoencoder = build_vae(cfg.vae.path)
         self._derive_model_inputs()
         self.model = ECDiT(cfg.model, cfg.moe, ctx)
-        self.optimizer = build_optimizer(cfg.optim, self.model)
-        self.scheduler = build_scheduler(cfg.optim, self.optimizer, cfg.train.steps)
+        self.backend = (TorchOptimizer(self.model, cfg.optim) if dist.get_world_size() == 1
+                        else MegatronZeRO(self.model, cfg.model, cfg.moe, cfg.optim, ctx,
+                                          self.layout))
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.uncond = self.text_encoder.encode([""])  # for caption dropout and guidance
         self.autocast = (torch.autocast("cpu" if not torch.cuda.is_available() else "cuda",
@@ -81,10 +90,12 @@ class Job:
     def batches(self):
         d = self.cfg.data
         if d.generate == "if_absent":
-            written = write_missing_synthetic_shards(d.urls, d.samples_per_shard, d.image_size,
-                                                     d.seed)
-            if written:
-                print(f"wrote {len(written)} synthetic shards for {d.urls}")
+            if self.is_writer:
+                written = write_missing_synthetic_shards(d.urls, d.samples_per_shard,
+                                                         d.image_size, d.seed)
+                if written:
+                    print(f"wrote {len(written)} synthetic shards for {d.urls}")
+            dist.barrier()
         rank, size = data_parallel_rank_and_size()
         dataset = build_image_text_dataset(d.urls, d.image_size, seed=d.seed,
                                            shuffle_buffer=d.shuffle_buffer, dp_rank=rank,
@@ -111,7 +122,7 @@ class Job:
                 rows = patchify(target, self.cfg.model.patch_size)
                 target = torch.gather(rows, 1, keep[..., None].expand(-1, -1, rows.shape[-1]))
         with self.autocast:
-            out = self.model(x_t, t, text, mask, keep)
+            out = self.backend.module(x_t, t, text, mask, keep)
         loss = flow_matching_loss(out.prediction.float(), target)
         if out.aux_loss is not None:
             loss = loss + self.cfg.moe.aux_loss_coeff * out.aux_loss
@@ -166,8 +177,11 @@ def routing_metrics(routing: dict[int, Any]) -> dict[str, float]:
 
 
 def write_pictures(job: Job, suffix: str = "") -> None:
+    """Every rank samples (the model's collectives need them all); rank 0 draws."""
     cfg = job.cfg.train
     images, maps = job.generate(cfg.sample_prompts, cfg.compute_map_timesteps)
+    if not job.is_writer:
+        return
     save_sample_grid(images, cfg.sample_prompts, job.out / f"samples{suffix}.png")
     if maps and next(iter(maps.values())):
         n = cfg.compute_map_prompts
@@ -180,71 +194,78 @@ def write_pictures(job: Job, suffix: str = "") -> None:
 def train(cfg: Config) -> dict[str, float]:
     """Run the job described by cfg; returns a summary (first/last-100-step mean losses)."""
     job = Job(cfg)
-    out = job.out
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    tc = cfg.train
-    writer = None
-    if tc.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"))
-    params = sum(p.numel() for p in job.model.parameters())
-    print(f"EC-DiT: {params / 1e6:.2f}M parameters, {cfg.model.num_layers} blocks, "
-          f"{cfg.moe.num_experts} experts on blocks "
-          f"{cfg.moe.moe_layer_indices(cfg.model.num_layers)}, "
-          f"{cfg.model.num_patches} tokens per image; {tc.steps} steps of {tc.micro_batch_size}")
+    out, tc = job.out, cfg.train
+    writer, metrics_file = None, None
+    if job.is_writer:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        metrics_file = (out / "metrics.jsonl").open("w")
+        if tc.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(out / "tb"))
+        params = sum(p.numel() for p in job.model.parameters())
+        print(f"EC-DiT: {params / 1e6:.2f}M parameters (this rank), {cfg.model.num_layers} "
+              f"blocks, {cfg.moe.num_experts} experts on blocks "
+              f"{cfg.moe.moe_layer_indices(cfg.model.num_layers)}, {cfg.model.num_patches} "
+              f"tokens per image; {tc.steps} steps of {tc.micro_batch_size} x DP{job.layout.dp}; "
+              f"{job.layout.describe()}")
     losses: list[float] = []
-    metrics_file = (out / "metrics.jsonl").open("w")
-    bar = tqdm(total=tc.steps, disable=not tc.progress, mininterval=2.0, desc="train")
+    bar = tqdm(total=tc.steps, disable=not (tc.progress and job.is_writer), mininterval=2.0,
+               desc="train")
     start = time.perf_counter()
     batches = job.batches()
     for step in range(1, tc.steps + 1):
         step_start = time.perf_counter()
         batch = next(batches)
+        job.backend.zero_grad()
         loss, out_ = job.loss(batch)
-        job.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), cfg.optim.grad_clip)
-        job.optimizer.step()
-        job.scheduler.step()
+        lr = learning_rate(cfg.optim, tc.steps, step - 1)
+        grad_norm = job.backend.step(lr)
         job.ema.update(job.model)
-        value = loss.item()
+        value = loss.detach().clone()
+        dist.all_reduce(value)  # every rank of a DP replica holds the same loss: average all
+        value = value.item() / dist.get_world_size()
         if not math.isfinite(value):
             raise FloatingPointError(f"loss is {value} at step {step}")
         losses.append(value)
-        record = {"step": step, "loss": value, "lr": job.scheduler.get_last_lr()[0],
-                  "grad_norm": grad_norm.item(),
-                  "samples_per_s": len(batch["caption"]) / (time.perf_counter() - step_start)}
-        if step % tc.log_interval == 0 or step == tc.steps:
-            record.update(routing_metrics(out_.routing))
-            if writer is not None:
-                for key, val in record.items():
-                    if key != "step":
-                        writer.add_scalar(key, val, step)
-            bar.write(f"step {step:>6}  loss {value:.4f}  lr {record['lr']:.2e}  "
-                      f"grad {record['grad_norm']:.3f}  {record['samples_per_s']:.0f} samples/s")
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        bar.set_postfix(loss=f"{value:.3f}")
-        bar.update(1)
-        if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 \
-                or step == tc.steps:
+        if job.is_writer:
+            record = {"step": step, "loss": value, "lr": lr, "grad_norm": grad_norm,
+                      "samples_per_s": job.layout.dp * len(batch["caption"])
+                      / (time.perf_counter() - step_start)}
+            if step % tc.log_interval == 0 or step == tc.steps:
+                record.update(routing_metrics(out_.routing))
+                if writer is not None:
+                    for key, val in record.items():
+                        if key != "step":
+                            writer.add_scalar(key, val, step)
+                bar.write(f"step {step:>6}  loss {value:.4f}  lr {lr:.2e}  grad {grad_norm:.3f}"
+                          f"  {record['samples_per_s']:.0f} samples/s")
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            bar.set_postfix(loss=f"{value:.3f}")
+            bar.update(1)
+        if isinstance(job.backend, TorchOptimizer) and cfg.checkpoint.save_interval and (
+                step % cfg.checkpoint.save_interval == 0 or step == tc.steps):
             save_checkpoint(out / "checkpoints", step, model=job.model,
-                            ema=job.ema.state_dict(), optimizer=job.optimizer,
-                            scheduler=job.scheduler, meta={"config": cfg.to_dict()},
-                            keep_last=cfg.checkpoint.keep_last)
+                            ema=job.ema.state_dict(), optimizer=job.backend.optimizer,
+                            meta={"config": cfg.to_dict()}, keep_last=cfg.checkpoint.keep_last)
         if tc.sample_interval and step % tc.sample_interval == 0 and step != tc.steps:
             write_pictures(job, suffix=f"_step{step}")
     bar.close()
-    metrics_file.close()
+    if not isinstance(job.backend, TorchOptimizer) and job.is_writer:
+        print("note: multi-process runs write no checkpoints yet (distributed checkpoints are "
+              "not implemented)")
     write_pictures(job)
-    if writer is not None:
-        writer.close()
     n = min(100, len(losses))
     summary = {"first_loss_mean": sum(losses[:n]) / n, "last_loss_mean": sum(losses[-n:]) / n,
                "seconds": time.perf_counter() - start}
     summary["ratio"] = summary["last_loss_mean"] / summary["first_loss_mean"]
-    print(f"done in {summary['seconds']:.0f}s: mean loss of the first {n} steps "
-          f"{summary['first_loss_mean']:.4f}, of the last {n} {summary['last_loss_mean']:.4f} "
-          f"(ratio {summary['ratio']:.2f}); outputs in {out}/")
+    if job.is_writer:
+        metrics_file.close()
+        if writer is not None:
+            writer.close()
+        print(f"done in {summary['seconds']:.0f}s: mean loss of the first {n} steps "
+              f"{summary['first_loss_mean']:.4f}, of the last {n} "
+              f"{summary['last_loss_mean']:.4f} (ratio {summary['ratio']:.2f}); outputs in {out}/")
     return summary
