@@ -1,9 +1,11 @@
 """Multi-process layouts over gloo equal one process on the same weights and global batch.
 
 Each torchrun launch checks several layouts (start-up dominates on CPU). Per layout, to 1e-5
-relative in fp32: the loss and every gathered gradient of one forward/backward; then the losses
-of 3 AdamW steps with gradient clipping through megatron-core's DDP + distributed optimizer
-(ZeRO-1) and every parameter after them, against torch.optim.AdamW in one process.
+relative in fp32: the loss and every gathered gradient of one forward/backward (layouts without
+pipelining); then the losses of 3 AdamW steps with gradient clipping through megatron-core's
+DDP + distributed optimizer (ZeRO-1), and pipeline schedules where PP > 1 (1F1B; interleaved
+with VPP), and every parameter after them, against torch.optim.AdamW in one process. Pipeline
+layouts also check that the conditioning embedders replicated on every stage stay identical.
 """
 
 import json
@@ -29,9 +31,11 @@ def run_layouts(nproc: int, layouts: list[dict]) -> list[dict]:
             if line.startswith("RESULT ")]
 
 
-LAUNCHES = {
-    2: [{}, {"tp": 2}, {"tp": 2, "sp": True}, {"ep": 2}],  # DP2, TP2, TP2+SP, EP2 (x DP2)
-    4: [{"ep": 4}, {"tp": 2}, {"tp": 2, "ep": 2}, {"tp": 2, "sp": True, "ep": 2}],
+LAUNCHES = {  # the data-parallel degree is what the world size leaves
+    2: [{}, {"tp": 2}, {"tp": 2, "sp": True}, {"ep": 2}, {"pp": 2}],
+    4: [{"ep": 4}, {"tp": 2}, {"tp": 2, "ep": 2}, {"tp": 2, "sp": True, "ep": 2},
+        {"pp": 4, "vpp": 2, "model.num_layers": 8}, {"tp": 2, "pp": 2}, {"pp": 2, "ep": 2}],
+    8: [{"tp": 2, "pp": 2}, {"pp": 2, "ep": 2}],  # TP2xPP2xDP2; PP2xEP2xDP4 (expert-DP 2)
 }
 CASES = [(n, i) for n, layouts in LAUNCHES.items() for i in range(len(layouts))]
 
@@ -53,6 +57,8 @@ def test_layout_matches_single_process(results, nproc, index):
     assert r["grad_rel_err"] <= TOL, r
     assert r["train_loss_rel_err"] <= TOL, r
     assert r["train_param_rel_err"] <= TOL, r
+    if LAUNCHES[nproc][index].get("pp", 1) > 1:
+        assert r["embedder_replica_max_diff"] == 0.0, r
 
 
 def test_pretrain_entry_point_under_torchrun(tmp_path):

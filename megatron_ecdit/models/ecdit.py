@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                     gather_from_sequence_parallel_region,
                                                     scatter_to_sequence_parallel_region)
@@ -114,36 +115,74 @@ class ECDiTOutput:
 
 
 class ECDiT(nn.Module):
-    def __init__(self, model: ModelConfig, moe: MoEConfig, ctx: Optional[ParallelContext] = None):
+    """The network, or one pipeline stage of it.
+
+    A stage holds the blocks in `layers` (global indices, so parameter names are the same at any
+    layout), the patch embedding only if it is the first stage (`pre_process`) and the final
+    layer only if it is the last (`post_process`). The conditioning embedders are replicated on
+    every stage: each stage recomputes the timestep and caption conditioning from the batch,
+    and only hidden states travel between stages. Parameters of those replicas are tagged
+    `pipeline_parallel` (megatron-core's finalize_model_grads sums their gradients over the
+    pipeline group, as for NeMo's DiT) and, off the first stage, `shared` (counted once in the
+    gradient norm).
+    """
+
+    # Read by megatron-core's pipeline schedules and finalize_model_grads.
+    model_type = ModelType.encoder_or_decoder
+    share_embeddings_and_output_weights = False
+
+    def __init__(self, model: ModelConfig, moe: MoEConfig, ctx: Optional[ParallelContext] = None,
+                 *, layers: Optional[range] = None, pre_process: bool = True,
+                 post_process: bool = True):
         super().__init__()
         ctx = ctx or ParallelContext()
         model.validate()
         moe.validate(model.num_layers)
         self.config = model
+        self.pre_process, self.post_process = pre_process, post_process
+        layers = range(model.num_layers) if layers is None else layers
+        whole = pre_process and post_process and len(layers) == model.num_layers
         d = model.hidden_size
-        self.patch_embed = PatchEmbed(model.in_channels, model.patch_size, d)
-        grid = model.input_size // model.patch_size
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(d, grid), persistent=False)
+        if pre_process:
+            self.patch_embed = PatchEmbed(model.in_channels, model.patch_size, d)
+            grid = model.input_size // model.patch_size
+            self.register_buffer("pos_embed", sincos_pos_embed_2d(d, grid), persistent=False)
         self.t_embedder = TimestepEmbedder(model.cond_size)
         self.caption_proj = CaptionProjection(model.text_dim, d)
+        if not whole:
+            for module in (self.t_embedder, self.caption_proj):
+                for p in module.parameters():
+                    p.pipeline_parallel = True
+                    p.shared = not pre_process
         moe_layers = moe.moe_layer_indices(model.num_layers)
         self.blocks = nn.ModuleDict({
             str(i): ECDiTBlock(ctx, model, moe, moe.capacity_factor_of(moe_layers.index(i))
                                if i in moe_layers else None)
-            for i in range(model.num_layers)})
-        self.final = FinalLayer(ctx, model)
+            for i in layers})
+        if post_process:
+            self.final = FinalLayer(ctx, model)
         self.sp_group = ctx.tp_group if ctx.sequence_parallel else None
+        self.input_tensor: Optional[torch.Tensor] = None
 
-    def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, text_BLT: torch.Tensor,
+    def set_input_tensor(self, tensor) -> None:
+        """Called by megatron-core's pipeline schedules with the previous stage's output."""
+        self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
+
+    def forward(self, x_BCHW: Optional[torch.Tensor], t_B: torch.Tensor, text_BLT: torch.Tensor,
                 text_mask_BL: torch.Tensor, keep_idx_BK: Optional[torch.Tensor] = None
                 ) -> ECDiTOutput:
-        """keep_idx_BK: MaskDiT-style subset of token positions to process (training only)."""
-        x_BSD = self.patch_embed(x_BCHW) + self.pos_embed.to(x_BCHW.dtype)
-        if keep_idx_BK is not None:
-            x_BSD = torch.gather(x_BSD, 1, keep_idx_BK[..., None].expand(-1, -1, x_BSD.shape[-1]))
-        x_SBD = x_BSD.transpose(0, 1)
-        if self.sp_group is not None:  # each TP rank keeps its slice of the sequence
-            x_SBD = scatter_to_sequence_parallel_region(x_SBD, group=self.sp_group)
+        """keep_idx_BK: MaskDiT-style subset of token positions to process (training only).
+        Off the last pipeline stage the prediction is the hidden state (S, B, D) to send on."""
+        if self.pre_process:
+            x_BSD = self.patch_embed(x_BCHW) + self.pos_embed.to(x_BCHW.dtype)
+            if keep_idx_BK is not None:
+                x_BSD = torch.gather(x_BSD, 1,
+                                     keep_idx_BK[..., None].expand(-1, -1, x_BSD.shape[-1]))
+            x_SBD = x_BSD.transpose(0, 1).contiguous()
+            if self.sp_group is not None:  # each TP rank keeps its slice of the sequence
+                x_SBD = scatter_to_sequence_parallel_region(x_SBD, group=self.sp_group)
+        else:
+            x_SBD = self.input_tensor
         c_BDc = self.t_embedder(t_B)
         text_LBD = self.caption_proj(text_BLT).transpose(0, 1)
         routing: dict[int, RoutingStats] = {}
@@ -154,6 +193,8 @@ class ECDiT(nn.Module):
                 routing[int(name)] = ffn.stats
             if ffn.aux_loss is not None:
                 aux_loss = ffn.aux_loss if aux_loss is None else aux_loss + ffn.aux_loss
+        if not self.post_process:  # sent to the next stage, which needs a contiguous tensor
+            return ECDiTOutput(x_SBD.contiguous(), routing, aux_loss)
         if self.sp_group is not None:
             x_SBD = gather_from_sequence_parallel_region(x_SBD, tensor_parallel_output_grad=False,
                                                          group=self.sp_group)
@@ -162,3 +203,11 @@ class ECDiT(nn.Module):
             return ECDiTOutput(rows_BSP, routing, aux_loss)
         return ECDiTOutput(unpatchify(rows_BSP, self.config.patch_size, self.config.in_channels),
                            routing, aux_loss)
+
+
+def stage_layers(num_layers: int, pp: int, vpp: int, pp_rank: int, chunk: int) -> range:
+    """Blocks of model chunk `chunk` on pipeline rank `pp_rank` (megatron-core's interleaved
+    order: chunk v of rank r holds the (v * pp + r)-th run of num_layers / (pp * vpp) blocks)."""
+    per_chunk = num_layers // (pp * vpp)
+    start = (chunk * pp + pp_rank) * per_chunk
+    return range(start, start + per_chunk)

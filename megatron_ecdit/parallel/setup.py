@@ -74,7 +74,7 @@ def initialize_parallel(layout: ParallelLayout) -> ParallelContext:
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
         use_cpu_initialization=not torch.cuda.is_available(),
-        params_dtype=torch.float32)
+        params_dtype=torch.float32, pipeline_dtype=torch.float32)
     return ParallelContext(
         mp_config=mp_config,
         tp_group=parallel_state.get_tensor_model_parallel_group(),

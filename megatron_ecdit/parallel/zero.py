@@ -1,10 +1,14 @@
 """Data parallelism with ZeRO: megatron-core's DDP + DistributedOptimizer behind one adapter.
 
-`MegatronZeRO` wraps a model in megatron-core's DistributedDataParallel (contiguous grad
-buffers; dense grads reduced over DP, expert grads over expert-DP, sequence-parallel norm grads
-over TP by `finalize_model_grads`) and builds megatron-core's optimizer: the distributed
-optimizer (ZeRO-1: fp32 master weights and Adam state sharded over DP) for zero_stage 1, or the
-replicated one for zero_stage 0. The training loop sees only `zero_grad`, `step` and `module`.
+`MegatronZeRO` wraps each model chunk (one, or several under virtual pipelining) in
+megatron-core's DistributedDataParallel (contiguous grad buffers; dense grads reduced over DP,
+expert grads over expert-DP, sequence-parallel norm grads over TP by `finalize_model_grads`)
+and builds megatron-core's optimizer: the distributed optimizer (ZeRO-1: fp32 master weights and
+Adam state sharded over DP) for zero_stage 1, or the replicated one for zero_stage 0. Gradients
+of the conditioning embedders replicated on every pipeline stage (tagged `pipeline_parallel`)
+are summed over the pipeline group by the same finalize_model_grads (`has_cond_embedder`), so
+every replica takes the same step. The training loop sees only `zero_grad`, `step` and
+`module` (`modules` for all chunks).
 """
 
 from __future__ import annotations
@@ -33,34 +37,42 @@ def transformer_config(model: ModelConfig, moe: MoEConfig, ctx: ParallelContext,
         use_cpu_initialization=ctx.mp_config.use_cpu_initialization,
         gradient_accumulation_fusion=False, bias_activation_fusion=False,
         masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, add_bias_linear=False)
+        apply_rope_fusion=False, add_bias_linear=False, pipeline_dtype=torch.float32,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        batch_p2p_comm=False)  # batched p2p over gloo gives wrong gradients (measured)
 
 
 class MegatronZeRO:
-    def __init__(self, model: nn.Module, model_cfg: ModelConfig, moe: MoEConfig,
-                 optim: OptimConfig, ctx: ParallelContext, layout: ParallelLayout):
+    def __init__(self, model: nn.Module | list[nn.Module], model_cfg: ModelConfig,
+                 moe: MoEConfig, optim: OptimConfig, ctx: ParallelContext,
+                 layout: ParallelLayout):
         if optim.name != "adamw":
             raise ValueError("the megatron ZeRO backend supports optim.name=adamw")
         self.config = transformer_config(model_cfg, moe, ctx, layout)
+        self.config.has_cond_embedder = True  # sum `pipeline_parallel` grads over the pipeline
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=layout.zero_stage >= 1,
             overlap_grad_reduce=False, overlap_param_gather=False)
-        self.module = DistributedDataParallel(self.config, ddp_config, model)
+        chunks = model if isinstance(model, list) else [model]
+        self.modules = [DistributedDataParallel(self.config, ddp_config, chunk)
+                        for chunk in chunks]
+        self.module = self.modules[0]
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr,
                             weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
                             adam_beta2=optim.betas[1], adam_eps=optim.eps,
                             clip_grad=optim.grad_clip, bf16=False, params_dtype=torch.float32,
                             use_distributed_optimizer=layout.zero_stage >= 1),
-            [self.module])
+            self.modules)
 
     def zero_grad(self) -> None:
-        self.module.zero_grad_buffer()
+        for module in self.modules:
+            module.zero_grad_buffer()
         self.optimizer.zero_grad()
 
     def step(self, lr: float) -> float:
         """Reduce grads across the groups, clip, and update; returns the global grad norm."""
-        finalize_model_grads([self.module])
+        finalize_model_grads(self.modules)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         _, grad_norm, _ = self.optimizer.step()

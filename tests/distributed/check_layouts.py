@@ -19,7 +19,9 @@ from megatron.core import parallel_state as ps  # noqa: E402
 
 from megatron_ecdit.config import load_config  # noqa: E402
 from megatron_ecdit.diffusion.rectified_flow import add_noise, flow_matching_loss  # noqa: E402
-from megatron_ecdit.models.ecdit import ECDiT  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+
+from megatron_ecdit.models.ecdit import ECDiT, stage_layers  # noqa: E402
 from megatron_ecdit.models.tensor_parallel import ParallelContext  # noqa: E402
 from megatron_ecdit.parallel.layout import ParallelLayout  # noqa: E402
 from megatron_ecdit.parallel.setup import initialize_parallel, world_size  # noqa: E402
@@ -74,10 +76,15 @@ def reduce_grads(model, ctx, dp: int) -> None:
         dist.all_reduce(p.grad, group=group)
 
 
+def config_of(spec: dict):
+    """A layout spec: parallel degrees ({"tp": 2}) and optionally other dotted config keys."""
+    return load_config(overrides=MODEL + [f"{k if '.' in k else 'parallel.' + k}={v}"
+                                          for k, v in spec.items()])
+
+
 def models(spec: dict, ref_group):
     """(cfg, layout, ctx, reference, parallel model) with the same random non-zero weights."""
-    overrides = MODEL + [f"parallel.{k}={v}" for k, v in spec.items()]
-    cfg = load_config(overrides=overrides)
+    cfg = config_of(spec)
     layout = ParallelLayout.build(cfg, world_size())
     ctx = initialize_parallel(layout)
     torch.manual_seed(0)
@@ -129,7 +136,95 @@ def check_training(spec: dict, ref_group, steps: int = 3) -> dict:
     return {"loss_rel_err": max(loss_errs), "param_rel_err": worst, "worst": worst_name}
 
 
+def check_pipeline(spec: dict, ref_group, steps: int = 3, microbatches: int = 4) -> dict:
+    """Pipeline layouts: `steps` optimizer steps through megatron-core's schedules (1F1B, or
+    interleaved with VPP) against one process; the conditioning embedders replicated on every
+    stage must stay identical to each other (and to the reference)."""
+    cfg = config_of(spec)
+    layout = ParallelLayout.build(cfg, world_size())
+    ctx = initialize_parallel(layout)
+    torch.manual_seed(0)
+    reference = ECDiT(cfg.model, cfg.moe, ParallelContext(tp_group=ref_group))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    pp, vpp, pp_rank = layout.pp, layout.vpp, ps.get_pipeline_model_parallel_rank()
+    chunks = []
+    for v in range(vpp):
+        chunk = ECDiT(cfg.model, cfg.moe, ctx,
+                      layers=stage_layers(cfg.model.num_layers, pp, vpp, pp_rank, v),
+                      pre_process=pp_rank == 0 and v == 0,
+                      post_process=pp_rank == pp - 1 and v == vpp - 1)
+        load_full_state(chunk, dict(reference.named_parameters()), ctx)
+        chunks.append(chunk)
+    cfg.optim.grad_clip = 0.05
+    backend = MegatronZeRO(chunks, cfg.model, cfg.moe, cfg.optim, ctx, layout)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=cfg.optim.lr,
+                                betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=0.0)
+    schedule = get_forward_backward_func()
+    rows = layout.dp * microbatches * MICRO_BATCH
+    loss_errs = []
+    for step in range(steps):
+        batch = global_batch(rows, cfg, seed=200 + step)
+        ref_opt.zero_grad()
+        ref_loss = loss_of(reference, batch)
+        ref_loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.optim.grad_clip)
+        ref_opt.step()
+
+        dp_rank = ps.get_data_parallel_rank()
+        mine = tuple(x[dp_rank * microbatches * MICRO_BATCH:(dp_rank + 1) * microbatches
+                       * MICRO_BATCH] for x in batch)
+        micro = [tuple(x[i * MICRO_BATCH:(i + 1) * MICRO_BATCH] for x in mine)
+                 for i in range(microbatches)]
+
+        def forward_step(data_iterator, model):
+            x_t, t, text, mask, target = next(data_iterator)
+            output = model(x_t, t, text, mask).prediction
+
+            def loss_func(prediction):
+                loss = flow_matching_loss(prediction, target)
+                return loss, {"loss": loss.detach().clone()}  # megatron divides loss in place
+            return output, loss_func
+
+        backend.zero_grad()
+        out = schedule(forward_step_func=forward_step,
+                       data_iterator=[iter(micro) for _ in range(vpp)],
+                       model=backend.modules if vpp > 1 else backend.modules[0],
+                       num_microbatches=microbatches, seq_length=cfg.model.num_patches,
+                       micro_batch_size=MICRO_BATCH)
+        backend.step(cfg.optim.lr)
+        local = torch.tensor(sum(d["loss"].item() for d in out) / microbatches if out else 0.0)
+        dist.all_reduce(local, group=ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(local, group=ps.get_data_parallel_group())
+        loss_errs.append(abs(local.item() / layout.dp - ref_loss.item()) / ref_loss.item())
+
+    ref_params = dict(reference.named_parameters())
+    worst, worst_name = 0.0, ""
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            full, want = gather_full(p, ctx), ref_params[name].detach()
+            err = ((full - want).abs().max() / want.abs().max()).item()
+            if err > worst:
+                worst, worst_name = err, name
+    # The replicated embedders: every stage's (and chunk's) copy against the first one.
+    flat = torch.cat([p.detach().reshape(-1) for p in chunks[0].t_embedder.parameters()])
+    copies = [torch.empty_like(flat) for _ in range(pp)]
+    dist.all_gather(copies, flat, group=ps.get_pipeline_model_parallel_group())
+    replica_diff = max((c - copies[0]).abs().max().item() for c in copies)
+    for chunk in chunks[1:]:
+        other = torch.cat([p.detach().reshape(-1) for p in chunk.t_embedder.parameters()])
+        replica_diff = max(replica_diff, (other - flat).abs().max().item())
+    return {"layout": spec, "describe": layout.describe(), "loss_rel_err": 0.0,
+            "grad_rel_err": 0.0, "train_loss_rel_err": max(loss_errs),
+            "train_param_rel_err": worst, "train_worst": worst_name,
+            "embedder_replica_max_diff": replica_diff}
+
+
 def check(spec: dict, ref_group) -> dict:
+    if spec.get("pp", 1) > 1:  # checked through the schedules, with optimizer steps
+        return check_pipeline(spec, ref_group)
     cfg, layout, ctx, reference, model = models(spec, ref_group)
     dp = layout.dp
     batch = global_batch(dp * MICRO_BATCH, cfg)
