@@ -54,8 +54,9 @@ class Job:
         self.out = Path(cfg.train.output_dir)
         self.layout = ParallelLayout.build(cfg, world_size())
         if self.layout.pp > 1 or self.layout.zero != "megatron":
-            raise ConfigError("pipeline parallelism and the DeepSpeed backend are not available "
-                              f"in the trainer yet (asked: {self.layout.describe()})")
+            raise ConfigError("the trainer does not run pipeline parallelism (parallel.pp > 1) "
+                              "or the DeepSpeed backend yet (asked: "
+                              f"{self.layout.describe()})")
         ctx = initialize_parallel(self.layout)
         self.is_writer = dist.get_rank() == 0
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
