@@ -1,4 +1,8 @@
-"""Data parallelism with ZeRO: megatron-core's DDP + DistributedOptimizer behind one adapter.
+"""Data parallelism with ZeRO: one adapter per backend, the same four calls for the loop.
+
+Backends: megatron-core's DDP + DistributedOptimizer (`MegatronZeRO`) and DeepSpeed ZeRO stages
+1-3 (`DeepSpeedZeRO`). The loop sees `module`, `zero_grad()`, `backward(loss)` and
+`step(lr) -> grad norm`, never the backend.
 
 `MegatronZeRO` wraps each model chunk (one, or several under virtual pipelining) in
 megatron-core's DistributedDataParallel (contiguous grad buffers; dense grads reduced over DP,
@@ -14,6 +18,7 @@ every replica takes the same step. The training loop sees only `zero_grad`, `ste
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                        finalize_model_grads)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -70,6 +75,9 @@ class MegatronZeRO:
             module.zero_grad_buffer()
         self.optimizer.zero_grad()
 
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
     def step(self, lr: float) -> float:
         """Reduce grads across the groups, clip, and update; returns the global grad norm."""
         finalize_model_grads(self.modules)
@@ -77,3 +85,64 @@ class MegatronZeRO:
             group["lr"] = lr
         _, grad_norm, _ = self.optimizer.step()
         return float(grad_norm)
+
+
+class _MegatronMpu:
+    """megatron-core's parallel_state under the names DeepSpeed asks an `mpu` for: its "model
+    parallel" group is our tensor-parallel group (pipelining is not combined with DeepSpeed)."""
+
+    def __getattr__(self, name: str):
+        return getattr(parallel_state, name)
+
+    def get_model_parallel_world_size(self) -> int:
+        return parallel_state.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_rank(self) -> int:
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_group(self):
+        return parallel_state.get_tensor_model_parallel_group()
+
+
+class DeepSpeedZeRO:
+    """DeepSpeed ZeRO stage 1, 2 or 3 over the data-parallel group, with a torch AdamW as the
+    client optimizer (no fused-Adam build) and DeepSpeed's gradient clipping."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, layout: ParallelLayout,
+                 micro_batch_size: int):
+        import deepspeed
+
+        if layout.ep > 1:
+            raise ValueError("the DeepSpeed backend does not support expert parallelism yet")
+        if optim.name != "adamw":
+            raise ValueError("the DeepSpeed backend supports optim.name=adamw")
+        # DeepSpeed reads `allreduce = False` as "an expert of DeepSpeed-MoE". Without expert
+        # parallelism our experts are ordinary data-parallel parameters.
+        for p in model.parameters():
+            if getattr(p, "allreduce", True) is False:
+                p.allreduce = True
+        optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr,
+                                      betas=tuple(optim.betas), eps=optim.eps,
+                                      weight_decay=optim.weight_decay)
+        config = {"train_micro_batch_size_per_gpu": micro_batch_size,
+                  "gradient_accumulation_steps": 1,
+                  "gradient_clipping": optim.grad_clip,
+                  "zero_optimization": {"stage": layout.zero_stage},
+                  "steps_per_print": 2**31 - 1}
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config, mpu=_MegatronMpu(),
+            dist_init_required=False)
+        self.module = self.engine
+
+    def zero_grad(self) -> None:
+        pass  # the engine clears gradients in step()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self, lr: float) -> float:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")

@@ -1,8 +1,8 @@
 """Optimizers (AdamW, and the paper's RMSProp with momentum), the LR schedule, and EMA weights.
 
-`TorchOptimizer` is the one-process backend; `parallel.zero.MegatronZeRO` is the data-parallel
-one. Both offer `module`, `zero_grad()` and `step(lr) -> grad norm`, so the training loop never
-branches on the backend or the optimizer's name.
+`TorchOptimizer` is the one-process backend; `parallel.zero` holds the data-parallel ones. All
+offer `module`, `zero_grad()`, `backward(loss)` and `step(lr) -> grad norm`, so the training
+loop never branches on the backend or the optimizer's name.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ class TorchOptimizer:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
     def step(self, lr: float) -> float:
         for group in self.optimizer.param_groups:

@@ -10,7 +10,8 @@
 
 The loop knows nothing about the model's internals beyond its output dataclass; the frozen
 encoders are used behind their interfaces; the optimizer is one of two backends with the same
-three calls (one process: TorchOptimizer; several: megatron-core DDP + distributed optimizer).
+calls (one process: TorchOptimizer; several: megatron-core DDP + distributed optimizer, or
+DeepSpeed ZeRO).
 Under torchrun every rank trains its data-parallel share; rank 0 writes the outputs, with the
 loss averaged over data-parallel ranks.
 """
@@ -41,7 +42,7 @@ from megatron_ecdit.models.embedders import patchify
 from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.parallel.setup import (data_parallel_rank_and_size, initialize_parallel,
                                            world_size)
-from megatron_ecdit.parallel.zero import MegatronZeRO
+from megatron_ecdit.parallel.zero import DeepSpeedZeRO, MegatronZeRO
 from megatron_ecdit.training.optim import EMA, TorchOptimizer, learning_rate
 from megatron_ecdit.training.visualize import save_compute_map, save_sample_grid
 
@@ -53,10 +54,9 @@ class Job:
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
         self.layout = ParallelLayout.build(cfg, world_size())
-        if self.layout.pp > 1 or self.layout.zero != "megatron":
+        if self.layout.pp > 1:
             raise ConfigError("the trainer does not run pipeline parallelism (parallel.pp > 1) "
-                              "or the DeepSpeed backend yet (asked: "
-                              f"{self.layout.describe()})")
+                              f"yet (asked: {self.layout.describe()})")
         ctx = initialize_parallel(self.layout)
         self.is_writer = dist.get_rank() == 0
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -69,9 +69,14 @@ class Job:
         self.vae: Autoencoder = build_vae(cfg.vae.path)
         self._derive_model_inputs()
         self.model = ECDiT(cfg.model, cfg.moe, ctx)
-        self.backend = (TorchOptimizer(self.model, cfg.optim) if dist.get_world_size() == 1
-                        else MegatronZeRO(self.model, cfg.model, cfg.moe, cfg.optim, ctx,
-                                          self.layout))
+        if dist.get_world_size() == 1:
+            self.backend = TorchOptimizer(self.model, cfg.optim)
+        elif self.layout.zero == "deepspeed":
+            self.backend = DeepSpeedZeRO(self.model, cfg.optim, self.layout,
+                                         cfg.train.micro_batch_size)
+        else:
+            self.backend = MegatronZeRO(self.model, cfg.model, cfg.moe, cfg.optim, ctx,
+                                        self.layout)
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.uncond = self.text_encoder.encode([""])  # for caption dropout and guidance
         self.autocast = (torch.autocast("cpu" if not torch.cuda.is_available() else "cuda",
@@ -220,7 +225,7 @@ def train(cfg: Config) -> dict[str, float]:
         batch = next(batches)
         job.backend.zero_grad()
         loss, out_ = job.loss(batch)
-        loss.backward()
+        job.backend.backward(loss)
         lr = learning_rate(cfg.optim, tc.steps, step - 1)
         grad_norm = job.backend.step(lr)
         job.ema.update(job.model)

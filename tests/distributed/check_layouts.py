@@ -5,6 +5,7 @@ single-process model's on the same weights and global batch. Prints one JSON lin
     torchrun --nproc-per-node 4 tests/distributed/check_layouts.py '[{"tp": 2}, {"ep": 2}]'
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -26,7 +27,7 @@ from megatron_ecdit.models.tensor_parallel import ParallelContext  # noqa: E402
 from megatron_ecdit.parallel.layout import ParallelLayout  # noqa: E402
 from megatron_ecdit.parallel.setup import initialize_parallel, world_size  # noqa: E402
 from megatron_ecdit.parallel.sharding import gather_full, load_full_state  # noqa: E402
-from megatron_ecdit.parallel.zero import MegatronZeRO  # noqa: E402
+from megatron_ecdit.parallel.zero import DeepSpeedZeRO, MegatronZeRO  # noqa: E402
 
 MODEL = ["model.hidden_size=64", "model.num_layers=4", "model.num_heads=4",
          "model.num_kv_heads=2", "model.input_size=16", "model.patch_size=2",
@@ -108,7 +109,8 @@ def check_training(spec: dict, ref_group, steps: int = 3) -> dict:
     torch.optim.AdamW in one process. Losses per step and parameters after."""
     cfg, layout, ctx, reference, model = models(spec, ref_group)
     cfg.optim.grad_clip = 0.05  # small enough to be active, so clipping is compared too
-    backend = MegatronZeRO(model, cfg.model, cfg.moe, cfg.optim, ctx, layout)
+    backend = (DeepSpeedZeRO(model, cfg.optim, layout, MICRO_BATCH) if layout.zero == "deepspeed"
+               else MegatronZeRO(model, cfg.model, cfg.moe, cfg.optim, ctx, layout))
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=cfg.optim.lr,
                                 betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=0.0)
     loss_errs = []
@@ -121,19 +123,28 @@ def check_training(spec: dict, ref_group, steps: int = 3) -> dict:
         ref_opt.step()
         backend.zero_grad()
         loss = loss_of(backend.module, local_slice(batch, layout))
-        loss.backward()
+        backend.backward(loss)
         backend.step(cfg.optim.lr)
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss, group=ps.get_data_parallel_group())
         loss_errs.append(abs(mean_loss.item() / layout.dp - ref_loss.item()) / ref_loss.item())
     ref_params = dict(reference.named_parameters())
     worst, worst_name = 0.0, ""
-    for name, p in model.named_parameters():
-        full, want = gather_full(p, ctx), ref_params[name].detach()
-        err = ((full - want).abs().max() / want.abs().max()).item()
-        if err > worst:
-            worst, worst_name = err, name
+    with gathered_zero3(model, layout):
+        for name, p in model.named_parameters():
+            full, want = gather_full(p, ctx), ref_params[name].detach()
+            err = ((full - want).abs().max() / want.abs().max()).item()
+            if err > worst:
+                worst, worst_name = err, name
     return {"loss_rel_err": max(loss_errs), "param_rel_err": worst, "worst": worst_name}
+
+
+def gathered_zero3(model, layout):
+    """ZeRO-3 partitions parameters; gather them to read them (a no-op context otherwise)."""
+    if layout.zero == "deepspeed" and layout.zero_stage == 3:
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(model.parameters()))
+    return contextlib.nullcontext()
 
 
 def check_pipeline(spec: dict, ref_group, steps: int = 3, microbatches: int = 4) -> dict:
