@@ -227,6 +227,9 @@ class CheckpointConfig:
 class TrainConfig:
     steps: int = 1500
     micro_batch_size: int = 16
+    # Micro-batches per optimizer step on each data-parallel rank: gradient accumulation, or
+    # the micro-batches a pipeline schedule interleaves (the interleaved one needs >= pp).
+    num_microbatches: int = 1
     seed: int = 1234
     precision: Literal["fp32", "bf16"] = "fp32"
     output_dir: str = "outputs/demo"

@@ -68,6 +68,10 @@ class ParallelLayout:
                               f"parallel.pp x parallel.vpp = {p.pp} x {p.vpp}")
         if p.vpp > 1 and p.pp == 1:
             raise ConfigError("parallel.vpp > 1 needs parallel.pp > 1")
+        if p.vpp > 1 and cfg.train.num_microbatches % p.pp:
+            raise ConfigError(f"the interleaved pipeline schedule needs train.num_microbatches "
+                              f"(= {cfg.train.num_microbatches}) to be a multiple of "
+                              f"parallel.pp = {p.pp}")
         if p.sp and p.tp == 1:
             raise ConfigError("parallel.sp (sequence parallelism) needs parallel.tp > 1")
         if moe.num_experts and p.tp > 1 and etp != p.tp:
@@ -96,6 +100,9 @@ class ParallelLayout:
                     "weights for backward, which ZeRO-3 has partitioned away)")
             if p.ep > 1:
                 raise ConfigError("parallel.zero=deepspeed does not support parallel.ep > 1 yet")
+            if cfg.train.num_microbatches > 1:
+                raise ConfigError("parallel.zero=deepspeed does not support "
+                                  "train.num_microbatches > 1 yet")
         elif p.zero_stage not in (0, 1):
             raise ConfigError(f"parallel.zero=megatron supports zero_stage 0 (DDP) or 1 "
                               f"(distributed optimizer), got {p.zero_stage}")

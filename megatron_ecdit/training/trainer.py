@@ -27,6 +27,8 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import nn
 from tqdm.auto import tqdm
 
 from megatron_ecdit.checkpoint.local import save_checkpoint
@@ -37,11 +39,12 @@ from megatron_ecdit.diffusion.rectified_flow import add_noise, flow_matching_los
 from megatron_ecdit.diffusion.sampling import noise_from_seed, sample, timestep_grid
 from megatron_ecdit.encoders.text import TextEncoder
 from megatron_ecdit.encoders.vae import Autoencoder, build_vae
-from megatron_ecdit.models.ecdit import ECDiT
+from megatron_ecdit.models.ecdit import ECDiT, stage_layers
 from megatron_ecdit.models.embedders import patchify
 from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.parallel.setup import (data_parallel_rank_and_size, initialize_parallel,
                                            world_size)
+from megatron_ecdit.parallel.pipeline import PipelineRunner
 from megatron_ecdit.parallel.zero import DeepSpeedZeRO, MegatronZeRO
 from megatron_ecdit.training.optim import EMA, TorchOptimizer, learning_rate
 from megatron_ecdit.training.visualize import save_compute_map, save_sample_grid
@@ -54,9 +57,9 @@ class Job:
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
         self.layout = ParallelLayout.build(cfg, world_size())
-        if self.layout.pp > 1:
-            raise ConfigError("the trainer does not run pipeline parallelism (parallel.pp > 1) "
-                              f"yet (asked: {self.layout.describe()})")
+        if self.layout.pp > 1 and cfg.moe.router == "token_choice":
+            raise ConfigError("moe.router=token_choice (auxiliary loss) is not supported with "
+                              "parallel.pp > 1")
         ctx = initialize_parallel(self.layout)
         self.is_writer = dist.get_rank() == 0
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -68,20 +71,49 @@ class Job:
                                         cfg.text_encoder.max_length, cfg.text_encoder.cache_size)
         self.vae: Autoencoder = build_vae(cfg.vae.path)
         self._derive_model_inputs()
-        self.model = ECDiT(cfg.model, cfg.moe, ctx)
-        if dist.get_world_size() == 1:
-            self.backend = TorchOptimizer(self.model, cfg.optim)
-        elif self.layout.zero == "deepspeed":
-            self.backend = DeepSpeedZeRO(self.model, cfg.optim, self.layout,
-                                         cfg.train.micro_batch_size)
+        self.pipeline: Optional[PipelineRunner] = None
+        if self.layout.pp > 1:
+            chunks = self._pipeline_chunks(ctx)
+            self.model = nn.ModuleList(chunks)
+            self.backend = MegatronZeRO(chunks, cfg.model, cfg.moe, cfg.optim, ctx, self.layout)
+            self.pipeline = PipelineRunner(self.backend.modules, cfg.model.num_patches)
         else:
-            self.backend = MegatronZeRO(self.model, cfg.model, cfg.moe, cfg.optim, ctx,
-                                        self.layout)
+            self.model = ECDiT(cfg.model, cfg.moe, ctx)
+            if dist.get_world_size() == 1:
+                self.backend = TorchOptimizer(self.model, cfg.optim)
+            elif self.layout.zero == "deepspeed":
+                self.backend = DeepSpeedZeRO(self.model, cfg.optim, self.layout,
+                                             cfg.train.micro_batch_size)
+            else:
+                self.backend = MegatronZeRO(self.model, cfg.model, cfg.moe, cfg.optim, ctx,
+                                            self.layout)
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.uncond = self.text_encoder.encode([""])  # for caption dropout and guidance
         self.autocast = (torch.autocast("cpu" if not torch.cuda.is_available() else "cuda",
                                         dtype=torch.bfloat16)
                          if cfg.train.precision == "bf16" else nullcontext())
+
+    def _pipeline_chunks(self, ctx) -> list[ECDiT]:
+        """This rank's model chunks; the replicated conditioning embedders start identical on
+        every stage (broadcast from the first), so they stay identical."""
+        lay, m = self.layout, self.cfg.model
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        chunks = []
+        for v in range(lay.vpp):
+            layers = stage_layers(m.num_layers, lay.pp, lay.vpp, pp_rank, v)
+            torch.manual_seed(self.cfg.train.seed + 7919 * layers.start)
+            chunks.append(ECDiT(m, self.cfg.moe, ctx, layers=layers,
+                                pre_process=pp_rank == 0 and v == 0,
+                                post_process=pp_rank == lay.pp - 1 and v == lay.vpp - 1))
+        group = parallel_state.get_pipeline_model_parallel_group()
+        first = parallel_state.get_pipeline_model_parallel_first_rank()
+        with torch.no_grad():
+            for name, p in chunks[0].named_parameters():
+                if getattr(p, "pipeline_parallel", False):
+                    dist.broadcast(p, first, group=group)
+                    for chunk in chunks[1:]:
+                        chunk.get_parameter(name).copy_(p)
+        return chunks
 
     def _derive_model_inputs(self) -> None:
         """The model's input channels, size and text width follow the frozen encoders."""
@@ -108,7 +140,8 @@ class Job:
                                            dp_size=size)
         yield from build_dataloader(dataset, self.cfg.train.micro_batch_size, d.num_workers)
 
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    def prepare(self, batch: dict[str, Any]) -> tuple[tuple, torch.Tensor]:
+        """Model inputs (x_t, t, text, mask, keep) and the velocity target for a batch."""
         cfg = self.cfg.diffusion
         g = self.generator
         with torch.no_grad():
@@ -127,12 +160,28 @@ class Job:
                 keep = torch.rand(B, S, generator=g).argsort(dim=1)[:, :keep_n].sort(1).values
                 rows = patchify(target, self.cfg.model.patch_size)
                 target = torch.gather(rows, 1, keep[..., None].expand(-1, -1, rows.shape[-1]))
-        with self.autocast:
-            out = self.backend.module(x_t, t, text, mask, keep)
-        loss = flow_matching_loss(out.prediction.float(), target)
-        if out.aux_loss is not None:
-            loss = loss + self.cfg.moe.aux_loss_coeff * out.aux_loss
-        return loss, out
+        return (x_t, t, text, mask, keep), target
+
+    def forward_backward(self, batches: list[dict[str, Any]]
+                         ) -> tuple[torch.Tensor, dict[int, Any]]:
+        """Loss and gradients of one step's micro-batches (their mean); returns the detached
+        loss and the routing statistics of the last micro-batch."""
+        micro = [self.prepare(batch) for batch in batches]
+        if self.pipeline is not None:
+            with self.autocast:
+                loss = self.pipeline.train_step(
+                    micro, lambda pred, tgt: flow_matching_loss(pred.float(), tgt))
+            return loss, self.pipeline.routing
+        total = torch.zeros(())
+        for inputs, target in micro:
+            with self.autocast:
+                out = self.backend.module(*inputs)
+            loss = flow_matching_loss(out.prediction.float(), target)
+            if out.aux_loss is not None:
+                loss = loss + self.cfg.moe.aux_loss_coeff * out.aux_loss
+            self.backend.backward(loss / len(micro))
+            total += loss.detach() / len(micro)
+        return total, out.routing
 
     @torch.no_grad()
     def generate(self, prompts: list[str], record_at: Optional[list[float]] = None, seed: int = 0):
@@ -153,12 +202,17 @@ class Job:
         state = {"t": None}
 
         def model_fn(x, t, cond):
-            out = self.model(x, t, *cond)
+            if self.pipeline is not None:
+                prediction = self.pipeline.predict((x, t, *cond, None), x.shape)
+                routing = self.pipeline.routing
+            else:
+                out = self.model(x, t, *cond)
+                prediction, routing = out.prediction, out.routing
             if state["t"] is not None:
                 maps[state["t"]] = {k: v.experts_per_token[:len(prompts)].clone()
-                                    for k, v in out.routing.items()}
+                                    for k, v in routing.items()}
                 state["t"] = None
-            return out.prediction
+            return prediction
 
         def callback(step, t, x):
             state["t"] = record_steps.get(step)
@@ -189,7 +243,9 @@ def write_pictures(job: Job, suffix: str = "") -> None:
     if not job.is_writer:
         return
     save_sample_grid(images, cfg.sample_prompts, job.out / f"samples{suffix}.png")
-    if maps and next(iter(maps.values())):
+    if not (maps and next(iter(maps.values()))):
+        print("compute map skipped: no MoE block among the blocks this rank holds")
+    else:
         n = cfg.compute_map_prompts
         save_compute_map(images[:n], cfg.sample_prompts[:n],
                          {t: {k: v[:n] for k, v in layer_maps.items()}
@@ -213,7 +269,8 @@ def train(cfg: Config) -> dict[str, float]:
         print(f"EC-DiT: {params / 1e6:.2f}M parameters (this rank), {cfg.model.num_layers} "
               f"blocks, {cfg.moe.num_experts} experts on blocks "
               f"{cfg.moe.moe_layer_indices(cfg.model.num_layers)}, {cfg.model.num_patches} "
-              f"tokens per image; {tc.steps} steps of {tc.micro_batch_size} x DP{job.layout.dp}; "
+              f"tokens per image; {tc.steps} steps of {tc.micro_batch_size} x "
+              f"{tc.num_microbatches} micro-batches x DP{job.layout.dp}; "
               f"{job.layout.describe()}")
     losses: list[float] = []
     bar = tqdm(total=tc.steps, disable=not (tc.progress and job.is_writer), mininterval=2.0,
@@ -222,14 +279,13 @@ def train(cfg: Config) -> dict[str, float]:
     batches = job.batches()
     for step in range(1, tc.steps + 1):
         step_start = time.perf_counter()
-        batch = next(batches)
+        step_batches = [next(batches) for _ in range(tc.num_microbatches)]
         job.backend.zero_grad()
-        loss, out_ = job.loss(batch)
-        job.backend.backward(loss)
+        loss, routing = job.forward_backward(step_batches)
         lr = learning_rate(cfg.optim, tc.steps, step - 1)
         grad_norm = job.backend.step(lr)
         job.ema.update(job.model)
-        value = loss.detach().clone()
+        value = loss.clone()
         dist.all_reduce(value)  # every rank of a DP replica holds the same loss: average all
         value = value.item() / dist.get_world_size()
         if not math.isfinite(value):
@@ -237,10 +293,10 @@ def train(cfg: Config) -> dict[str, float]:
         losses.append(value)
         if job.is_writer:
             record = {"step": step, "loss": value, "lr": lr, "grad_norm": grad_norm,
-                      "samples_per_s": job.layout.dp * len(batch["caption"])
-                      / (time.perf_counter() - step_start)}
+                      "samples_per_s": job.layout.dp * tc.num_microbatches
+                      * tc.micro_batch_size / (time.perf_counter() - step_start)}
             if step % tc.log_interval == 0 or step == tc.steps:
-                record.update(routing_metrics(out_.routing))
+                record.update(routing_metrics(routing))
                 if writer is not None:
                     for key, val in record.items():
                         if key != "step":

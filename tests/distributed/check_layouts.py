@@ -147,13 +147,14 @@ def gathered_zero3(model, layout):
     return contextlib.nullcontext()
 
 
-def check_pipeline(spec: dict, ref_group, steps: int = 3, microbatches: int = 4) -> dict:
+def check_pipeline(spec: dict, ref_group, steps: int = 3) -> dict:
     """Pipeline layouts: `steps` optimizer steps through megatron-core's schedules (1F1B, or
     interleaved with VPP) against one process; the conditioning embedders replicated on every
     stage must stay identical to each other (and to the reference)."""
-    cfg = config_of(spec)
+    cfg = config_of({"train.num_microbatches": 4, **spec})
     layout = ParallelLayout.build(cfg, world_size())
     ctx = initialize_parallel(layout)
+    microbatches = cfg.train.num_microbatches
     torch.manual_seed(0)
     reference = ECDiT(cfg.model, cfg.moe, ParallelContext(tp_group=ref_group))
     with torch.no_grad():
