@@ -41,6 +41,7 @@ from megatron_ecdit.encoders.text import TextEncoder
 from megatron_ecdit.encoders.vae import Autoencoder, build_vae
 from megatron_ecdit.models.ecdit import ECDiT, stage_layers
 from megatron_ecdit.models.embedders import patchify
+from megatron_ecdit.moe.experts import GroupedExperts
 from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.parallel.setup import (data_parallel_rank_and_size, initialize_parallel,
                                            world_size)
@@ -87,6 +88,7 @@ class Job:
             else:
                 self.backend = MegatronZeRO(self.model, cfg.model, cfg.moe, cfg.optim, ctx,
                                             self.layout)
+        self._decorrelate_expert_shards()
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.uncond = self.text_encoder.encode([""])  # for caption dropout and guidance
         self.autocast = (torch.autocast("cpu" if not torch.cuda.is_available() else "cuda",
@@ -114,6 +116,21 @@ class Job:
                     for chunk in chunks[1:]:
                         chunk.get_parameter(name).copy_(p)
         return chunks
+
+    def _decorrelate_expert_shards(self) -> None:
+        """Experts on different expert-parallel (or expert-TP) ranks are different weights;
+        one seed would give every rank's shard the same values, so ranks other than the first
+        redraw theirs from a seed that includes their expert ranks."""
+        ep = parallel_state.get_expert_model_parallel_rank()
+        etp = parallel_state.get_expert_tensor_parallel_rank()
+        if ep == 0 and etp == 0:
+            return
+        g = torch.Generator().manual_seed(self.cfg.train.seed + 104729 * (ep + 1) + 1299709 * etp)
+        with torch.no_grad():
+            for module in self.model.modules():
+                if isinstance(module, GroupedExperts):
+                    module.w1.normal_(0.0, module.init_std, generator=g)
+                    module.w2.normal_(0.0, module.output_init_std, generator=g)
 
     def _derive_model_inputs(self) -> None:
         """The model's input channels, size and text width follow the frozen encoders."""
