@@ -25,8 +25,14 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    from megatron_ecdit.checkpoint.distributed import CheckpointError
+    from megatron_ecdit.data.bad_input import DataError
     from megatron_ecdit.training.trainer import train
-    train(cfg)
+    try:
+        train(cfg)
+    except (CheckpointError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

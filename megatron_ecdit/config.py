@@ -8,6 +8,7 @@ logic about models or training; it only describes and validates them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -159,15 +160,34 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """Where image-text shards come from. The demo writes synthetic shards when absent."""
+    """Where image-text shards come from and how they are streamed (see data/shards.py).
+    The demo writes synthetic shards when absent."""
 
+    # Local paths, brace lists ("{000000..000007}.tar"), "pipe:" commands; "::" joins lists.
     urls: str = "data/synthetic/{000000..000007}.tar"
     generate: Literal["if_absent", "never"] = "if_absent"
     samples_per_shard: int = 1000
     image_size: int = 32
     shuffle_buffer: int = 1000
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader workers per rank; a resume needs the same number
     seed: int = 0
+    # raw = images + captions; preprocessed = VAE latents + text embeddings written by
+    # tools/preprocess_shards.py; auto = decided from the members of the first sample.
+    format: Literal["auto", "raw", "preprocessed"] = "auto"
+    # true: each rank and worker draws shards with replacement, an endless stream (training);
+    # false: epochs in which every sample reaches exactly one data-parallel rank.
+    resampled: bool = True
+    # Stop with a DataError when skipped bad input exceeds this fraction of what was read...
+    max_bad_fraction: float = 0.01
+    bad_check_after: int = 100  # ...once at least this many samples have been read
+
+    def validate(self) -> None:
+        if not 0.0 <= self.max_bad_fraction < 1.0:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1), "
+                              f"got {self.max_bad_fraction}")
+        _positive(self, "data", "image_size", "bad_check_after")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -219,8 +239,11 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_interval: int = 500
+    """Sharded checkpoints under train.output_dir/checkpoints (see checkpoint/distributed.py)."""
+
+    save_interval: int = 500  # steps; 0 = only on preemption and at the end
     keep_last: int = 2
+    async_save: bool = False  # write shards in a forked process while training goes on
 
 
 @dataclass
@@ -231,6 +254,10 @@ class TrainConfig:
     # the micro-batches a pipeline schedule interleaves (the interleaved one needs >= pp).
     num_microbatches: int = 1
     seed: int = 1234
+    # Where to start: "auto" = the latest checkpoint in output_dir/checkpoints if there is one;
+    # "never"; or a checkpoint folder (e.g. one written by tools/convert_checkpoint.py import;
+    # a weights-only checkpoint starts with fresh optimizer state at step 0).
+    resume: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     output_dir: str = "outputs/demo"
     log_interval: int = 25  # console, TensorBoard and routing statistics; metrics.jsonl: every step
@@ -243,6 +270,9 @@ class TrainConfig:
     compute_map_timesteps: list[float] = field(default_factory=lambda: [0.9, 0.5, 0.1])
     progress: bool = True
     tensorboard: bool = True
+    # Save and stop cleanly after this much wall-clock time (0 = no limit). SIGTERM and SIGUSR1
+    # (SLURM's pre-timeout signal) do the same at the next step boundary.
+    exit_duration_minutes: float = 0.0
 
 
 @dataclass
@@ -261,6 +291,7 @@ class Config:
     def validate(self) -> "Config":
         self.model.validate()
         self.moe.validate(self.model.num_layers)
+        self.data.validate()
         if not 0.0 <= self.diffusion.mask_ratio < 1.0:
             raise ConfigError(f"diffusion.mask_ratio must be in [0, 1), "
                               f"got {self.diffusion.mask_ratio}")
@@ -310,9 +341,11 @@ def paper_model(size: str, num_experts: int) -> tuple[ModelConfig, MoEConfig]:
 # --------------------------------------------------------------------------------------------
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build a Config from an optional YAML file and `key.sub=value` overrides, then validate."""
-    raw: dict[str, Any] = {}
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                base: Optional[dict[str, Any]] = None) -> Config:
+    """Build a Config from an optional YAML file (or `base`, e.g. a checkpoint's saved config)
+    and `key.sub=value` overrides, then validate."""
+    raw: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import pretrain_ecdit
-from megatron_ecdit.checkpoint.local import latest_checkpoint, load_weights
+from megatron_ecdit.checkpoint.distributed import latest_checkpoint, load_weights
 from megatron_ecdit.config import load_config
 from megatron_ecdit.models.ecdit import ECDiT
 from megatron_ecdit.training.trainer import train
@@ -44,7 +44,7 @@ def test_twenty_step_smoke_run(tmp_path, ctx):
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == \
         ["step_0000010", "step_0000020"]
     model = ECDiT(cfg.model, cfg.moe, ctx)
-    load_weights(ckpt, model, ema=True)
+    load_weights(ckpt, [model], which="ema")
     assert summary["first_loss_mean"] > 0
 
 
@@ -76,3 +76,20 @@ def test_entry_point_reports_config_errors(capsys):
     assert "unknown config key 'train.stepz'" in capsys.readouterr().err
     assert pretrain_ecdit.main(["train.steps=abc"]) == 2
     assert "'train.steps' expects int" in capsys.readouterr().err
+
+
+def test_preprocessed_shards_train_like_raw_shards(tmp_path, ctx):
+    """Latents and text embeddings from tools/preprocess_shards.py give the losses of encoding
+    on the fly (identity VAE, the packaged text encoder); caption dropout included."""
+    from megatron_ecdit.data.preprocess import preprocess_shards
+
+    raw = tiny(tmp_path, "train.steps=3", "train.tensorboard=false",
+               "diffusion.caption_dropout=0.5")
+    train(raw)
+    preprocess_shards(raw.data.urls, tmp_path / "pre", text_cfg=raw.text_encoder,
+                      vae_cfg=raw.vae, image_size=raw.data.image_size)
+    pre = tiny(tmp_path / "p", "train.steps=3", "train.tensorboard=false",
+               "diffusion.caption_dropout=0.5", "data.generate=never",
+               f"data.urls={tmp_path / 'pre'}/{{000000..000001}}.tar")
+    train(pre)
+    assert losses(tmp_path / "p" / "out") == pytest.approx(losses(tmp_path / "out"), rel=1e-5)

@@ -184,8 +184,9 @@ def write_shard(path: str | os.PathLike, shard: int, samples_per_shard: int,
     path = str(path)
     rng = random.Random(f"megatron_ecdit.synthetic/{seed}/{shard}")
     tmp = f"{path}.tmp{os.getpid()}"
-    # A fixed mtime makes the tar byte-identical across runs.
-    with wds.TarWriter(tmp, mtime=0.0) as sink:
+    # A fixed mtime makes the tar byte-identical across runs; an integer one avoids a pax
+    # header per member (tarfile writes one for a float mtime), almost halving read time.
+    with wds.TarWriter(tmp, mtime=0) as sink:
         for index in range(samples_per_shard):
             image, caption, meta = render_scene(rng, image_size)
             key = f"{shard:05d}{index:04d}"

@@ -79,7 +79,15 @@ class ColumnLinear(nn.Module):
             bias=bias, gather_output=gather_output, tp_group=ctx.tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)[0]
+        return _forward(self.linear, x)
+
+
+def _forward(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """megatron-core's forward; outside torch.distributed (no group at all, e.g. loading a
+    consolidated checkpoint for sampling) the same weights as a plain linear layer."""
+    if linear.tp_group is None:
+        return nn.functional.linear(x, linear.weight, linear.bias)
+    return linear(x)[0]
 
 
 class RowLinear(nn.Module):
@@ -94,4 +102,4 @@ class RowLinear(nn.Module):
             bias=bias, input_is_parallel=True, skip_bias_add=False, tp_group=ctx.tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)[0]
+        return _forward(self.linear, x)

@@ -17,6 +17,8 @@ every replica takes the same step. The training loop sees only `zero_grad`, `ste
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
@@ -28,6 +30,7 @@ from torch import nn
 from megatron_ecdit.config import ModelConfig, MoEConfig, OptimConfig
 from megatron_ecdit.models.tensor_parallel import ParallelContext
 from megatron_ecdit.parallel.layout import ParallelLayout
+from megatron_ecdit.training.optim import initialise_state
 
 
 def transformer_config(model: ModelConfig, moe: MoEConfig, ctx: ParallelContext,
@@ -53,6 +56,7 @@ class MegatronZeRO:
                  layout: ParallelLayout):
         if optim.name != "adamw":
             raise ValueError("the megatron ZeRO backend supports optim.name=adamw")
+        self.checkpoint_format = f"megatron-zero{layout.zero_stage}"
         self.config = transformer_config(model_cfg, moe, ctx, layout)
         self.config.has_cond_embedder = True  # sum `pipeline_parallel` grads over the pipeline
         ddp_config = DistributedDataParallelConfig(
@@ -85,6 +89,53 @@ class MegatronZeRO:
             group["lr"] = lr
         _, grad_norm, _ = self.optimizer.step()
         return float(grad_norm)
+
+    def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
+        """megatron-core's own, per distributed optimizer (dense, and experts), in its
+        'fully_reshardable' form: the fp32 master weights and Adam moments gathered over DP and
+        described like the parameters (model space), so any layout can load them.
+
+        Two repairs for megatron-core 0.16 without Apex or Transformer Engine: its state_dict
+        reads the Adam step from torch's per-parameter state, so a fresh optimizer gets its
+        state created first; and an optimizer without parameters on this rank (the experts' on
+        a pipeline stage without MoE blocks) cannot describe itself, so it is left out."""
+        state = {}
+        for index, optimizer in enumerate(self._optimizers()):
+            if not any(group["params"] for group in optimizer.optimizer.param_groups):
+                continue
+            if is_loading:
+                initialise_state(optimizer.optimizer)
+            state[index] = optimizer.sharded_state_dict(
+                model_state, is_loading=is_loading,
+                metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        return state
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        """megatron-core's load, repaired: its fully-reshardable reader skips torch Adam's
+        per-parameter `step` but then expects it among the tensors to fill (KeyError). So each
+        distributed optimizer loads its groups first (rank 0's, or its own where rank 0 had
+        none), then its parameter state with `step` set aside; `step` is restored from the
+        checkpoint's step as one tensor per parameter (megatron-core would hand every
+        parameter the same tensor, which torch's Adam then advances once per parameter)."""
+        for index, optimizer in enumerate(self._optimizers()):
+            if index not in state:
+                continue
+            own = dict(state[index])
+            param_state = own.pop("param_state", None)  # absent for zero_stage 0
+            own.pop("param_state_sharding_type", None)
+            for key, value in optimizer.state_dict().items():  # groups rank 0 could not save
+                own.setdefault(key, value)
+            optimizer.load_state_dict(own)
+            if param_state is not None:
+                for param_state_ in optimizer.optimizer.state.values():
+                    param_state_.pop("step", None)
+                optimizer.load_parameter_state_from_fully_reshardable(param_state)
+            for param_state_ in optimizer.optimizer.state.values():
+                param_state_["step"] = torch.tensor(float(step))
+
+    def _optimizers(self) -> list:
+        """megatron-core's optimizers: one per parameter kind (dense, experts)."""
+        return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
 
 
 class _MegatronMpu:
@@ -146,3 +197,45 @@ class DeepSpeedZeRO:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    _STATE = ("fp32_param", "exp_avg", "exp_avg_sq")
+    checkpoint_format = "deepspeed-zero"  # stages 1 and 2 alike: full tensors per parameter
+
+    def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
+        """The fp32 master weights and Adam moments of every parameter, gathered over the
+        data-parallel group by DeepSpeed's own accessors and described in model space like
+        the parameter (collective). Both backends thus write the same optimizer tensors."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        if is_loading:  # DeepSpeed creates and links Adam's state at the first step
+            zero = self.engine.optimizer
+            initialise_state(zero.optimizer)
+            zero._lazy_init_hp_params_optimizer_state()
+        state = {}
+        for entry, sh in model_state.items():
+            for key in self._STATE:
+                if is_loading:
+                    value = torch.empty_like(sh.data, dtype=torch.float32)
+                elif key == "fp32_param":
+                    value = safe_get_full_fp32_param(sh.data)
+                else:
+                    value = safe_get_full_optimizer_state(sh.data, key)
+                state[f"{key}/{entry}"] = dataclasses.replace(
+                    sh, key=f"optimizer.state.{key}.{sh.key}", data=value, dtype=value.dtype)
+        self._params = {entry: sh.data for entry, sh in model_state.items()}
+        return state
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        for name, value in state.items():
+            key, entry = name.split("/", 1)
+            param = self._params[entry]
+            if key == "fp32_param":
+                safe_set_full_fp32_param(param, value)
+            else:
+                safe_set_full_optimizer_state(param, value, key)
+        for param_state in self.engine.optimizer.optimizer.state.values():
+            if "step" in param_state:
+                param_state["step"] = torch.full_like(torch.as_tensor(param_state["step"]),
+                                                      float(step))

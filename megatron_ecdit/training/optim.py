@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
+from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                   optim_state_to_sharding_state)
 from torch import nn
 
 from megatron_ecdit.config import OptimConfig
@@ -46,6 +48,8 @@ def learning_rate(cfg: OptimConfig, total_steps: int, step: int) -> float:
 class TorchOptimizer:
     """One process: a torch optimizer with global-norm gradient clipping."""
 
+    checkpoint_format = "torch"
+
     def __init__(self, model: nn.Module, cfg: OptimConfig):
         self.module = model
         self.optimizer = build_optimizer(cfg, model)
@@ -63,6 +67,40 @@ class TorchOptimizer:
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.optimizer.step()
         return float(norm)
+
+    def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
+        """The optimizer's moments as ShardedTensors shaped like the parameters (megatron-core's
+        helpers for regular torch optimizers); the step count is restored from the checkpoint's
+        step, as every parameter takes every step."""
+        if is_loading:
+            initialise_state(self.optimizer)
+        state = self.optimizer.state_dict()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        optim_state_to_sharding_state(
+            state, get_param_id_to_sharded_param_map(model_state, params), exclude_keys=("step",))
+        return state
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        for param_state in state["state"].values():
+            param_state["step"] = torch.tensor(float(step))
+        self.optimizer.load_state_dict(state)
+
+
+@torch.no_grad()
+def initialise_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create a fresh optimizer's state tensors (to load a checkpoint into) by a step of lr 0 on
+    zero gradients, which leaves the parameters exactly unchanged. No-op if state exists."""
+    if optimizer.state:
+        return
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
 
 
 class EMA:

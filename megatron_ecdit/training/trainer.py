@@ -4,7 +4,7 @@
   metrics.jsonl    one JSON object per step (step, loss, lr, grad_norm, samples_per_s, and
                    per-MoE-block routing statistics on log steps)
   tb/              TensorBoard events of the same
-  checkpoints/     periodic checkpoints (see checkpoint/local.py)
+  checkpoints/     sharded checkpoints, resumable at any layout (see checkpoint/distributed.py)
   samples.png      generated images for cfg.train.sample_prompts (EMA weights)
   compute_map.png  experts per token, per MoE block and timestep, over generated images
 
@@ -28,12 +28,14 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from torch import nn
 from tqdm.auto import tqdm
 
-from megatron_ecdit.checkpoint.local import save_checkpoint
+from megatron_ecdit.checkpoint import distributed as checkpoints
 from megatron_ecdit.config import Config, ConfigError
-from megatron_ecdit.data.shards import build_dataloader, build_image_text_dataset
+from megatron_ecdit.data.bad_input import describe_counts
+from megatron_ecdit.data.shards import BatchStream
 from megatron_ecdit.data.synthetic import write_missing_synthetic_shards
 from megatron_ecdit.diffusion.rectified_flow import add_noise, flow_matching_loss, sample_timesteps
 from megatron_ecdit.diffusion.sampling import noise_from_seed, sample, timestep_grid
@@ -46,8 +48,10 @@ from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.parallel.setup import (data_parallel_rank_and_size, initialize_parallel,
                                            world_size)
 from megatron_ecdit.parallel.pipeline import PipelineRunner
+from megatron_ecdit.parallel.sharding import load_full_state
 from megatron_ecdit.parallel.zero import DeepSpeedZeRO, MegatronZeRO
 from megatron_ecdit.training.optim import EMA, TorchOptimizer, learning_rate
+from megatron_ecdit.training.preemption import StopRequest
 from megatron_ecdit.training.visualize import save_compute_map, save_sample_grid
 
 
@@ -61,7 +65,7 @@ class Job:
         if self.layout.pp > 1 and cfg.moe.router == "token_choice":
             raise ConfigError("moe.router=token_choice (auxiliary loss) is not supported with "
                               "parallel.pp > 1")
-        ctx = initialize_parallel(self.layout)
+        self.ctx = ctx = initialize_parallel(self.layout)
         self.is_writer = dist.get_rank() == 0
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         # Noise, timesteps and caption dropout differ per data-parallel rank, as the data does.
@@ -72,6 +76,9 @@ class Job:
                                         cfg.text_encoder.max_length, cfg.text_encoder.cache_size)
         self.vae: Autoencoder = build_vae(cfg.vae.path)
         self._derive_model_inputs()
+        self.data_state: Optional[dict[str, Any]] = None  # a resumed data position
+        self.data: Optional[BatchStream] = None
+        self.saver = AsyncCallsQueue() if cfg.checkpoint.async_save else None
         self.pipeline: Optional[PipelineRunner] = None
         if self.layout.pp > 1:
             chunks = self._pipeline_chunks(ctx)
@@ -142,7 +149,67 @@ class Job:
             setattr(m, key, value)
         m.validate()
 
-    def batches(self):
+    # ---------------------------------------------------------------- checkpoints
+
+    @property
+    def chunks(self) -> list[nn.Module]:
+        return list(self.model) if isinstance(self.model, nn.ModuleList) else [self.model]
+
+    def checkpoint_parts(self) -> checkpoints.Parts:
+        names = {}
+        for v, chunk in enumerate(self.chunks):
+            for name, _ in chunk.named_parameters():
+                names[f"{v}.{name}" if self.pipeline is not None else name] = (v, name)
+        return checkpoints.Parts(self.chunks, self.ema.shadow, names, self.backend,
+                                 self.rank_state)
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "data": self.data_position()}
+
+    def save(self, step: int, weights_only: bool = False) -> Path:
+        parts = self.checkpoint_parts()
+        if weights_only:
+            parts.backend = None
+        common = {"config": self.cfg.to_dict(), "layout": self.layout.describe()}
+        return checkpoints.save(self.out / "checkpoints", step, parts, common,
+                                keep_last=self.cfg.checkpoint.keep_last, queue=self.saver)
+
+    def load_full_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """This rank's shards of full single-process weights; the EMA starts equal to them."""
+        for chunk in self.chunks:
+            load_full_state(chunk, state, self.ctx)
+        self.ema = EMA(self.model, self.cfg.optim.ema_decay)
+
+    def resume(self) -> int:
+        """Load the checkpoint train.resume names (if any); returns the step to continue from."""
+        choice = self.cfg.train.resume
+        if choice == "never":
+            return 0
+        path = (checkpoints.latest_checkpoint(self.out / "checkpoints") if choice == "auto"
+                else Path(choice))
+        if path is None:
+            return 0
+        common, rank, notes = checkpoints.load(path, self.checkpoint_parts())
+        if self.is_writer:
+            what = "weights of" if common["weights_only"] else "resumed from"
+            print(f"{what} {path} (step {common['step']}, saved at {common['layout']})")
+            for note in notes:
+                print(f"note: {note}")
+        if common["weights_only"]:
+            return 0
+        if rank is not None:
+            self.generator.set_state(rank["generator"])
+            self.data_state = rank["data"]
+        return common["step"]
+
+    # ---------------------------------------------------------------- data
+
+    def data_position(self) -> dict[str, Any]:
+        return self.data.state_dict() if self.data is not None else {}
+
+    def batches(self) -> BatchStream:
+        """This data-parallel rank's stream (raw or preprocessed shards), at the resumed
+        position if there is one."""
         d = self.cfg.data
         if d.generate == "if_absent":
             if self.is_writer:
@@ -152,21 +219,43 @@ class Job:
                     print(f"wrote {len(written)} synthetic shards for {d.urls}")
             dist.barrier()
         rank, size = data_parallel_rank_and_size()
-        dataset = build_image_text_dataset(d.urls, d.image_size, seed=d.seed,
-                                           shuffle_buffer=d.shuffle_buffer, dp_rank=rank,
-                                           dp_size=size)
-        yield from build_dataloader(dataset, self.cfg.train.micro_batch_size, d.num_workers)
+        side = self.vae.latent_size(d.image_size)
+        self.data = BatchStream(d, self.cfg.train.micro_batch_size, dp_rank=rank, dp_size=size,
+                                latent_shape=(self.vae.latent_channels, side, side),
+                                text_shape=(self.text_encoder.max_length, self.text_encoder.dim))
+        if self.data_state:
+            try:
+                self.data.load_state_dict(self.data_state)
+            except ValueError as err:  # e.g. other shards or workers than the saved run's
+                if self.is_writer:
+                    print(f"note: the data stream restarts from its seed: {err}")
+        return self.data
+
+    def bad_input_summary(self) -> str:
+        """Bad samples skipped so far, summed over data-parallel ranks (collective)."""
+        counts = self.data.bad_counts()
+        keys = sorted(counts)
+        total = torch.tensor([counts[k] for k in keys], dtype=torch.int64)
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        return describe_counts(dict(zip(keys, total.tolist())))
 
     def prepare(self, batch: dict[str, Any]) -> tuple[tuple, torch.Tensor]:
         """Model inputs (x_t, t, text, mask, keep) and the velocity target for a batch."""
         cfg = self.cfg.diffusion
         g = self.generator
         with torch.no_grad():
-            x0 = self.vae.encode(batch["image"])
+            if "latent" in batch:  # preprocessed shards: the frozen encoders already ran
+                x0 = batch["latent"]
+                drop = torch.rand(x0.shape[0], generator=g) < cfg.caption_dropout
+                empty_text, empty_mask = self.uncond
+                text = torch.where(drop[:, None, None], empty_text, batch["text"])
+                mask = torch.where(drop[:, None], empty_mask, batch["text_mask"])
+            else:
+                x0 = self.vae.encode(batch["image"])
+                drop = torch.rand(x0.shape[0], generator=g) < cfg.caption_dropout
+                captions = ["" if dropped else c for c, dropped in zip(batch["caption"], drop)]
+                text, mask = self.text_encoder.encode(captions)
             B = x0.shape[0]
-            drop = torch.rand(B, generator=g) < cfg.caption_dropout
-            captions = ["" if dropped else c for c, dropped in zip(batch["caption"], drop)]
-            text, mask = self.text_encoder.encode(captions)
             t = sample_timesteps(B, cfg.logit_mean, cfg.logit_std, generator=g)
             noise = torch.randn(x0.shape, generator=g)
             x_t, target = add_noise(x0, noise, t)
@@ -270,18 +359,31 @@ def write_pictures(job: Job, suffix: str = "") -> None:
                          job.cfg.moe.num_experts, job.out / f"compute_map{suffix}.png")
 
 
+def _open_metrics(path: Path, start_step: int):
+    """metrics.jsonl, continued after a resume: records past the resumed step are dropped."""
+    kept = []
+    if start_step and path.is_file():
+        kept = [line for line in path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= start_step]
+    file = path.open("w")
+    file.writelines(line + "\n" for line in kept)
+    return file
+
+
 def train(cfg: Config) -> dict[str, float]:
-    """Run the job described by cfg; returns a summary (first/last-100-step mean losses)."""
+    """Run the job described by cfg; returns a summary (first/last-100-step mean losses of the
+    steps this run took, and `stopped` if it stopped early on a signal or time limit)."""
     job = Job(cfg)
     out, tc = job.out, cfg.train
+    start_step = job.resume()
     writer, metrics_file = None, None
     if job.is_writer:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        metrics_file = (out / "metrics.jsonl").open("w")
+        metrics_file = _open_metrics(out / "metrics.jsonl", start_step)
         if tc.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out / "tb"))
+            writer = SummaryWriter(str(out / "tb"), purge_step=start_step + 1)
         params = sum(p.numel() for p in job.model.parameters())
         print(f"EC-DiT: {params / 1e6:.2f}M parameters (this rank), {cfg.model.num_layers} "
               f"blocks, {cfg.moe.num_experts} experts on blocks "
@@ -290,11 +392,14 @@ def train(cfg: Config) -> dict[str, float]:
               f"{tc.num_microbatches} micro-batches x DP{job.layout.dp}; "
               f"{job.layout.describe()}")
     losses: list[float] = []
-    bar = tqdm(total=tc.steps, disable=not (tc.progress and job.is_writer), mininterval=2.0,
-               desc="train")
+    bar = tqdm(total=tc.steps, initial=start_step, mininterval=2.0, desc="train",
+               disable=not (tc.progress and job.is_writer))
     start = time.perf_counter()
     batches = job.batches()
-    for step in range(1, tc.steps + 1):
+    stop = StopRequest(tc.exit_duration_minutes)
+    stopped = None
+    save_every = cfg.checkpoint.save_interval
+    for step in range(start_step + 1, tc.steps + 1):
         step_start = time.perf_counter()
         step_batches = [next(batches) for _ in range(tc.num_microbatches)]
         job.backend.zero_grad()
@@ -324,27 +429,40 @@ def train(cfg: Config) -> dict[str, float]:
             metrics_file.flush()
             bar.set_postfix(loss=f"{value:.3f}")
             bar.update(1)
-        if isinstance(job.backend, TorchOptimizer) and cfg.checkpoint.save_interval and (
-                step % cfg.checkpoint.save_interval == 0 or step == tc.steps):
-            save_checkpoint(out / "checkpoints", step, model=job.model,
-                            ema=job.ema.state_dict(), optimizer=job.backend.optimizer,
-                            meta={"config": cfg.to_dict()}, keep_last=cfg.checkpoint.keep_last)
+        if job.saver is not None:  # publish asynchronous saves that have finished (collective)
+            job.saver.maybe_finalize_async_calls(blocking=False)
+        stopped = stop.should_stop()
+        if stopped or step == tc.steps or (save_every and step % save_every == 0):
+            path = job.save(step)
+            if job.is_writer:
+                bar.write(f"{'saving' if job.saver else 'saved'} {path}")
+        if stopped:
+            break
         if tc.sample_interval and step % tc.sample_interval == 0 and step != tc.steps:
             write_pictures(job, suffix=f"_step{step}")
     bar.close()
-    if not isinstance(job.backend, TorchOptimizer) and job.is_writer:
-        print("note: multi-process runs write no checkpoints yet (distributed checkpoints are "
-              "not implemented)")
-    write_pictures(job)
+    stop.close()
+    if job.saver is not None:
+        job.saver.maybe_finalize_async_calls(blocking=True)
+    bad_input = job.bad_input_summary()
+    if job.is_writer:
+        print(f"data: {bad_input}")
+    if stopped:
+        if job.is_writer:
+            print(f"stopped at step {step} ({stopped}); resume with train.resume=auto")
+    else:
+        write_pictures(job)
     n = min(100, len(losses))
-    summary = {"first_loss_mean": sum(losses[:n]) / n, "last_loss_mean": sum(losses[-n:]) / n,
-               "seconds": time.perf_counter() - start}
-    summary["ratio"] = summary["last_loss_mean"] / summary["first_loss_mean"]
+    first, last = (sum(losses[:n]) / n, sum(losses[-n:]) / n) if n else (math.nan, math.nan)
+    summary = {"first_loss_mean": first, "last_loss_mean": last, "ratio": last / first if n
+               else math.nan, "seconds": time.perf_counter() - start, "stopped": stopped}
     if job.is_writer:
         metrics_file.close()
         if writer is not None:
             writer.close()
-        print(f"done in {summary['seconds']:.0f}s: mean loss of the first {n} steps "
-              f"{summary['first_loss_mean']:.4f}, of the last {n} "
-              f"{summary['last_loss_mean']:.4f} (ratio {summary['ratio']:.2f}); outputs in {out}/")
+        if not stopped:
+            print(f"done in {summary['seconds']:.0f}s: mean loss of the first {n} steps "
+                  f"{summary['first_loss_mean']:.4f}, of the last {n} "
+                  f"{summary['last_loss_mean']:.4f} (ratio {summary['ratio']:.2f}); "
+                  f"outputs in {out}/")
     return summary
