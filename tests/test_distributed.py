@@ -3,7 +3,7 @@
 Each torchrun launch checks several layouts (start-up dominates on CPU). Per layout, to 1e-5
 relative in fp32: the loss and every gathered gradient of one forward/backward (layouts without
 pipelining); then the losses of 3 AdamW steps with gradient clipping, through megatron-core's
-DDP + distributed optimizer (ZeRO-1) or DeepSpeed ZeRO-1/2, and through megatron-core's
+DDP + distributed optimizer (ZeRO-1) or DeepSpeed ZeRO-1/2/3, and through megatron-core's
 pipeline schedules where PP > 1 (1F1B; interleaved with VPP), and every parameter after them,
 against torch.optim.AdamW in one process. Pipeline layouts also check that the conditioning
 embedders replicated on every stage stay identical.
@@ -34,7 +34,8 @@ def run_layouts(nproc: int, layouts: list[dict]) -> list[dict]:
 
 LAUNCHES = {  # the data-parallel degree is what the world size leaves
     2: [{}, {"tp": 2}, {"tp": 2, "sp": True}, {"ep": 2}, {"pp": 2},
-        {"zero": "deepspeed", "zero_stage": 1}, {"zero": "deepspeed", "zero_stage": 2}],
+        {"zero": "deepspeed", "zero_stage": 1}, {"zero": "deepspeed", "zero_stage": 2},
+        {"zero": "deepspeed", "zero_stage": 3}],
     4: [{"ep": 4}, {"tp": 2}, {"tp": 2, "ep": 2}, {"tp": 2, "sp": True, "ep": 2},
         {"tp": 2, "zero": "deepspeed", "zero_stage": 2},
         {"pp": 4, "vpp": 2, "model.num_layers": 8}, {"tp": 2, "pp": 2}, {"pp": 2, "ep": 2}],

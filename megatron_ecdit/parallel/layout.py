@@ -93,11 +93,9 @@ class ParallelLayout:
             if p.pp > 1:
                 raise ConfigError("parallel.zero=deepspeed works with parallel.pp = 1 only "
                                   "(DeepSpeed ZeRO-2/3 do not combine with pipelining)")
-            if p.zero_stage not in (1, 2):
+            if p.zero_stage not in (1, 2, 3):
                 raise ConfigError(
-                    f"parallel.zero_stage must be 1 or 2 for DeepSpeed, got {p.zero_stage} "
-                    "(stage 3 is not supported yet: megatron-core's linear layers keep their "
-                    "weights for backward, which ZeRO-3 has partitioned away)")
+                    f"parallel.zero_stage must be 1, 2 or 3 for DeepSpeed, got {p.zero_stage}")
             if p.ep > 1:
                 raise ConfigError("parallel.zero=deepspeed does not support parallel.ep > 1 yet")
             if cfg.train.num_microbatches > 1:

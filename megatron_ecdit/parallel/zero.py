@@ -28,6 +28,7 @@ from megatron.core.transformer import TransformerConfig
 from torch import nn
 
 from megatron_ecdit.config import ModelConfig, MoEConfig, OptimConfig
+from megatron_ecdit.models.ecdit import ECDiTBlock
 from megatron_ecdit.models.tensor_parallel import ParallelContext
 from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.training.optim import initialise_state
@@ -172,6 +173,17 @@ class DeepSpeedZeRO:
         for p in model.parameters():
             if getattr(p, "allreduce", True) is False:
                 p.allreduce = True
+        if layout.zero_stage == 3:
+            # ZeRO-3 gathers a module's partitioned parameters for backward from hooks on the
+            # tensors the module returns. The FFN and router return dataclasses, which those
+            # hooks do not see, so each block also claims every parameter inside it: they are
+            # gathered when the gradient reaches the block's output.
+            from deepspeed.runtime.zero import register_external_parameter
+
+            for block in model.modules():
+                if isinstance(block, ECDiTBlock):
+                    for p in block.parameters():
+                        register_external_parameter(block, p)
         optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr,
                                       betas=tuple(optim.betas), eps=optim.eps,
                                       weight_decay=optim.weight_decay)

@@ -62,6 +62,11 @@ class Job:
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
         self.layout = ParallelLayout.build(cfg, world_size())
+        if self.layout.zero == "deepspeed" and self.layout.zero_stage == 3:
+            raise ConfigError("the training job does not run DeepSpeed ZeRO-3 yet: its EMA, "
+                              "checkpoints and sampling read whole parameters, which ZeRO-3 "
+                              "partitions (the backend itself is tested against one process); "
+                              "use parallel.zero_stage=1 or 2")
         if self.layout.pp > 1 and cfg.moe.router == "token_choice":
             raise ConfigError("moe.router=token_choice (auxiliary loss) is not supported with "
                               "parallel.pp > 1")
