@@ -248,6 +248,15 @@ def test_reshard_tp2_pp2_ep2_to_ep4_and_one_process(big, tmp_path, ctx):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
+def test_megatron_checkpoint_goes_to_deepspeed_through_the_consolidated_format(big, tmp_path):
+    out, _ = big
+    exported = consolidated.export(out / "checkpoints" / "step_0000004", tmp_path / "export")
+    r = launch(2, "import", exported, out / "outputs.npz", tmp_path / "ds" / "out",
+               "parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.zero=deepspeed",
+               "parallel.zero_stage=2")
+    assert r["step"] == 0 and r["model_rel_err"] <= TOL and r["ema_rel_err"] <= TOL, r
+
+
 def _flat(tree, prefix=""):
     out = {}
     for k, v in tree.items():
