@@ -35,7 +35,7 @@ import webdataset as wds
 from megatron_ecdit.config import TextEncoderConfig, VAEConfig
 from megatron_ecdit.data.bad_input import BadInputLog, zero_counts
 from megatron_ecdit.data.decode import ENCODED, RawDecoder, encode_tensors
-from megatron_ecdit.data.shards import decode_item, read_shard
+from megatron_ecdit.data.shards import decoded_groups, read_shard
 from megatron_ecdit.encoders.text import TextEncoder
 from megatron_ecdit.encoders.vae import Autoencoder, build_vae
 
@@ -108,7 +108,9 @@ def preprocess_shard(url: str, output: str, encoders: Encoders, image_size: int,
     written = 0
     # An integer mtime: a float one makes tarfile add a pax header to every member.
     with wds.TarWriter(partial, mtime=int(time.time())) as sink:
-        for examples in _batched(read_shard(url), decoder, log, batch_size):
+        for examples in decoded_groups(read_shard(url), decoder, log, batch_size):
+            if not examples:
+                continue
             batch = decoder.collate(examples)
             latents = encoders.vae.encode(batch["image"]).numpy()  # (B, C, h, w)
             text, mask = encoders.text.encode(batch["caption"])  # (B, L, D), (B, L)
@@ -123,21 +125,6 @@ def preprocess_shard(url: str, output: str, encoders: Encoders, image_size: int,
         return ShardReport(url, output, "failed", 0, log.counts)
     os.replace(partial, output)
     return ShardReport(url, output, "written", written, log.counts)
-
-
-def _batched(items: Iterator[Any], decoder: RawDecoder, log: BadInputLog,
-             batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    """Decoded examples in lists of up to batch_size."""
-    batch = []
-    for item in items:
-        example = decode_item(item, decoder, log)
-        if example is not None:
-            batch.append(example)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 _worker_encoders: Optional[Encoders] = None  # one per pool process

@@ -305,6 +305,20 @@ def decode_item(item: Item, decoder: Decoder, log: BadInputLog) -> Optional[dict
     return example
 
 
+def decoded_groups(items: Iterable[Item], decoder: Decoder, log: BadInputLog,
+                   size: int) -> Iterator[list[dict[str, Any]]]:
+    """Decoded examples in lists of `size`, then the remainder (possibly empty)."""
+    group = []
+    for item in items:
+        example = decode_item(item, decoder, log)
+        if example is not None:
+            group.append(example)
+            if len(group) == size:
+                yield group
+                group = []
+    yield group
+
+
 # --------------------------------------------------------------------------------------------
 # Per-sample dataset (no checkpointable position), for tools and simple readers
 # --------------------------------------------------------------------------------------------
@@ -363,15 +377,8 @@ def _batches(items: Iterator[Item], decoder: Decoder, batch_size: int, log: BadI
     for _ in islice(items, resume["seen"]):  # fast-forward: undecoded, unlogged
         pass
     log.counts = dict(resume)
-    examples = []
-    for item in items:
-        example = decode_item(item, decoder, log)
-        if example is not None:
-            examples.append(example)
-            if len(examples) == batch_size:
-                yield _tagged(decoder.collate(examples), worker, log)
-                examples = []
-    yield _tagged(decoder.collate(examples) if examples else {"key": []}, worker, log)
+    for examples in decoded_groups(items, decoder, log, batch_size):
+        yield _tagged(decoder.collate(examples) if examples else {"key": []}, worker, log)
 
 
 def _tagged(batch: dict[str, Any], worker: int, log: BadInputLog) -> dict[str, Any]:
