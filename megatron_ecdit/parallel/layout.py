@@ -36,6 +36,8 @@ class ParallelLayout:
         return self.world_size // (self.etp * self.ep * self.pp)
 
     def describe(self) -> str:
+        if self.world_size == 1:
+            return "one process"  # trained with a plain torch optimizer, no ZeRO
         return (f"TP{self.tp}{'+SP' if self.sp else ''} x PP{self.pp}"
                 f"{f'(VPP{self.vpp})' if self.vpp > 1 else ''} x DP{self.dp}, experts EP{self.ep}"
                 f" x ETP{self.etp} x EDP{self.expert_dp}, ZeRO-{self.zero_stage} ({self.zero})")
