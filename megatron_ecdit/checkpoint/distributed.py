@@ -156,7 +156,7 @@ def load(path: str | os.PathLike, parts: Parts) -> tuple[dict[str, Any], Optiona
     state (None when the checkpoint is weights-only or the data-parallel size changed), and
     notes on what was not restored."""
     common = read_common(path)
-    _check_shapes(path, parts)
+    _check_shapes(path, parts.chunks)
     notes = []
     with_optimizer = not common["weights_only"]
     if with_optimizer and common["optimizer_backend"] != parts.backend.checkpoint_format:
@@ -171,13 +171,14 @@ def load(path: str | os.PathLike, parts: Parts) -> tuple[dict[str, Any], Optiona
                      "restart from their seeds")
     state = _state(parts, is_loading=True, with_optimizer=with_optimizer,
                    with_rank_state=with_rank_state, rank_template={})
+    # The weights and EMA tensors the ShardedTensors describe, to copy the loaded values into.
+    targets = {group: {entry: sh.data for entry, sh in state[group].items()}
+               for group in ("model", "ema")}
     loaded = dist_checkpointing.load(state, str(path))
     with torch.no_grad():
-        for entry, tensor in loaded["ema"].items():
-            parts.ema[entry[len("ema."):]].copy_(tensor)
-        params = {f"model.{k}": p for k, p in _model_entries(parts)}
-        for entry, tensor in loaded["model"].items():
-            params[entry].copy_(tensor)
+        for group, tensors in targets.items():
+            for entry, tensor in loaded[group].items():
+                tensors[entry].copy_(tensor)
     if with_optimizer:
         parts.backend.load_state_dict(loaded["optimizer"], common["step"])
     return common, loaded.get("rank_state"), notes
@@ -188,8 +189,7 @@ def load_weights(path: str | os.PathLike, chunks: list[torch.nn.Module],
     """Collective: load the weights (`which="model"`) or the EMA weights (`"ema"`) of a
     checkpoint into `chunks` at this rank's layout; returns the checkpoint's common state."""
     common = read_common(path)
-    parts = Parts(chunks, {}, {}, None, dict)
-    _check_shapes(path, parts)
+    _check_shapes(path, chunks)
     model = sharded.model_state(chunks, prefix=f"{which}.")
     targets = {entry: sh.data for entry, sh in model.items()}
     for sh in model.values():  # load into copies: the parameters stay untouched until the end
@@ -201,18 +201,10 @@ def load_weights(path: str | os.PathLike, chunks: list[torch.nn.Module],
     return common
 
 
-def _model_entries(parts: Parts):
-    seen = set()
-    for v, name, param in sharded.named_parameters(parts.chunks):
-        entry = f"{v}.{name}" if name in seen else name
-        seen.add(name)
-        yield entry, param
-
-
-def _check_shapes(path: str | os.PathLike, parts: Parts) -> None:
+def _check_shapes(path: str | os.PathLike, chunks: list[torch.nn.Module]) -> None:
     """Name the first tensor whose full shape differs from the model's, or that is missing."""
     saved = dist_checkpointing.load_tensors_metadata(str(path))
-    for sh in sharded.model_state(parts.chunks).values():
+    for sh in sharded.model_state(chunks).values():
         if sh.key not in saved:
             raise CheckpointError(f"{path}: no tensor {sh.key!r} (is it a checkpoint of this "
                                   "model?)")

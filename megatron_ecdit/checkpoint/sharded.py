@@ -55,8 +55,9 @@ def sharded_tensor(key: str, data: torch.Tensor, param: torch.Tensor,
             offsets.append((etp_dim, ps.get_expert_tensor_parallel_rank(), etp))
         tp_sharded = True
     pp_replica = 0
-    if getattr(param, "pipeline_parallel", False):
-        pp_replica = ps.get_pipeline_model_parallel_rank() * 64 + chunk
+    if getattr(param, "pipeline_parallel", False):  # one copy per stage and model chunk
+        chunks = ps.get_virtual_pipeline_model_parallel_world_size() or 1
+        pp_replica = ps.get_pipeline_model_parallel_rank() * chunks + chunk
     tp_replica = 0 if tp_sharded else ps.get_tensor_model_parallel_rank()
     dp_replica = (ps.get_expert_data_parallel_rank() if is_expert(param)
                   else ps.get_data_parallel_rank())
