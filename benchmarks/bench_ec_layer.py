@@ -1,6 +1,7 @@
 """EC-MoE layer speed and memory against its baselines, in one process. Prints a table.
 
     python benchmarks/bench_ec_layer.py [--d 512] [--s 256] [--b 8] [--experts 8 32 64]
+                                        [--device cuda]
 
 Ratios (forward + backward, fp32, median of --iters runs):
   vs dense   time of the EC layer / a dense GELU FFN of hidden f_c * 4d on the same tokens,
@@ -29,14 +30,21 @@ from megatron_ecdit.moe.reference import algorithm1, expert_functions  # noqa: E
 from megatron_ecdit.moe.router import ExpertChoiceRouter  # noqa: E402
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, iters: int, params: list[torch.Tensor]) -> float:
     """Median seconds of fn(); gradients are reset to None first, as an optimizer step does."""
     times = []
     for i in range(iters + 1):
         for p in params:
             p.grad = None
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         if i == 0:  # warm-up
             continue
         times.append(time.perf_counter() - start)
@@ -69,13 +77,17 @@ def main() -> None:
     parser.add_argument("--capacity-factor", type=float, default=2.0)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (fp32 on either)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_default_device(args.device)
     torch.manual_seed(0)
     d, fc = args.d, args.capacity_factor
-    print(f"EC-MoE layer, d={d} S={args.s} B={args.b} f_c={fc}, fwd+bwd fp32, "
-          f"{args.threads} threads, torch {torch.__version__}")
-    print(f"{'E':>4} {'EC ms':>8} {'dense ms':>9} {'vs dense':>9} {'EC@S1024':>9} "
+    where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+             else f"CPU, {args.threads} threads")
+    print(f"EC-MoE layer, d={d} S={args.s} B={args.b} f_c={fc}, fwd+bwd fp32, {where}, "
+          f"torch {torch.__version__}")
+    print(f"{'E':>4} {'EC ms':>8} {'dense ms':>9} {'vs dense':>9} {f'EC@S{args.s_alg1}':>9} "
           f"{'Alg1 ms':>9} {'vs Alg.1':>9} {'mem vs dense':>13}")
     for E in args.experts:
         layer = MoELayer(ExpertChoiceRouter(d, E, fc), GroupedExperts(E, d, 4 * d))

@@ -75,6 +75,6 @@ class PipelineRunner:
         micro = [(tuple(None if x is None else x.chunk(n)[i] for x in inputs), None)
                  for i in range(n)]
         out = self._run(micro, None, forward_only=True)
-        prediction = torch.cat(out) if out else torch.empty(shape)
+        prediction = torch.cat(out) if out else torch.empty(shape, device=inputs[0].device)
         dist.broadcast(prediction, self.last_rank, group=self.group)
         return prediction

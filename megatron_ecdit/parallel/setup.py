@@ -35,7 +35,9 @@ def init_distributed() -> None:
     cpu_compat.apply()
     if dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # On GPUs, CUDA tensors go over NCCL and the few small CPU tensors (stop flags, counts,
+    # checkpoint metadata) over gloo, from one process group.
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -44,6 +46,13 @@ def init_distributed() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
+
+
+def local_device() -> torch.device:
+    """This rank's GPU (set from LOCAL_RANK when the world starts), or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def world_size() -> int:
@@ -73,7 +82,9 @@ def initialize_parallel(layout: ParallelLayout) -> ParallelContext:
         pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        # Weights are drawn on the CPU from the seed and sliced: the same initial weights on
+        # every device and layout; models are moved to their device afterwards.
+        use_cpu_initialization=True,
         params_dtype=torch.float32, pipeline_dtype=torch.float32)
     return ParallelContext(
         mp_config=mp_config,

@@ -46,7 +46,7 @@ from megatron_ecdit.models.embedders import patchify
 from megatron_ecdit.moe.experts import GroupedExperts
 from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.parallel.setup import (data_parallel_rank_and_size, initialize_parallel,
-                                           world_size)
+                                           local_device, world_size)
 from megatron_ecdit.parallel.pipeline import PipelineRunner
 from megatron_ecdit.parallel.sharding import load_full_state
 from megatron_ecdit.parallel.zero import DeepSpeedZeRO, MegatronZeRO
@@ -72,39 +72,43 @@ class Job:
                               "parallel.pp > 1")
         self.ctx = ctx = initialize_parallel(self.layout)
         self.is_writer = dist.get_rank() == 0
+        self.device = local_device()
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         # Noise, timesteps and caption dropout differ per data-parallel rank, as the data does.
         dp_rank, _ = data_parallel_rank_and_size()
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 1000003 * dp_rank)
         # Frozen encoders first: a missing folder fails here, before any training work.
         self.text_encoder = TextEncoder(cfg.text_encoder.path, cfg.text_encoder.tokenizer_path,
-                                        cfg.text_encoder.max_length, cfg.text_encoder.cache_size)
-        self.vae: Autoencoder = build_vae(cfg.vae.path)
+                                        cfg.text_encoder.max_length, cfg.text_encoder.cache_size,
+                                        device=self.device)
+        self.vae: Autoencoder = build_vae(cfg.vae.path, device=self.device)
         self._derive_model_inputs()
         self.data_state: Optional[dict[str, Any]] = None  # a resumed data position
         self.data: Optional[BatchStream] = None
         self.saver = AsyncCallsQueue() if cfg.checkpoint.async_save else None
         self.pipeline: Optional[PipelineRunner] = None
+        # Weights are drawn on the CPU (the same on any device and layout), then moved.
         if self.layout.pp > 1:
-            chunks = self._pipeline_chunks(ctx)
-            self.model = nn.ModuleList(chunks)
-            self.backend = MegatronZeRO(chunks, cfg.model, cfg.moe, cfg.optim, ctx, self.layout)
-            self.pipeline = PipelineRunner(self.backend.modules, cfg.model.num_patches)
+            self.model = nn.ModuleList(self._pipeline_chunks(ctx))
         else:
             self.model = ECDiT(cfg.model, cfg.moe, ctx)
-            if dist.get_world_size() == 1:
-                self.backend = TorchOptimizer(self.model, cfg.optim)
-            elif self.layout.zero == "deepspeed":
-                self.backend = DeepSpeedZeRO(self.model, cfg.optim, self.layout,
-                                             cfg.train.micro_batch_size)
-            else:
-                self.backend = MegatronZeRO(self.model, cfg.model, cfg.moe, cfg.optim, ctx,
-                                            self.layout)
         self._decorrelate_expert_shards()
+        self.model.to(self.device)
+        if self.layout.pp > 1:
+            chunks = list(self.model)
+            self.backend = MegatronZeRO(chunks, cfg.model, cfg.moe, cfg.optim, ctx, self.layout)
+            self.pipeline = PipelineRunner(self.backend.modules, cfg.model.num_patches)
+        elif dist.get_world_size() == 1:
+            self.backend = TorchOptimizer(self.model, cfg.optim)
+        elif self.layout.zero == "deepspeed":
+            self.backend = DeepSpeedZeRO(self.model, cfg.optim, self.layout,
+                                         cfg.train.micro_batch_size)
+        else:
+            self.backend = MegatronZeRO(self.model, cfg.model, cfg.moe, cfg.optim, ctx,
+                                        self.layout)
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.uncond = self.text_encoder.encode([""])  # for caption dropout and guidance
-        self.autocast = (torch.autocast("cpu" if not torch.cuda.is_available() else "cuda",
-                                        dtype=torch.bfloat16)
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if cfg.train.precision == "bf16" else nullcontext())
 
     def _pipeline_chunks(self, ctx) -> list[ECDiT]:
@@ -247,28 +251,29 @@ class Job:
     def prepare(self, batch: dict[str, Any]) -> tuple[tuple, torch.Tensor]:
         """Model inputs (x_t, t, text, mask, keep) and the velocity target for a batch."""
         cfg = self.cfg.diffusion
-        g = self.generator
+        g, dev = self.generator, self.device  # random draws come from the CPU generator
         with torch.no_grad():
             if "latent" in batch:  # preprocessed shards: the frozen encoders already ran
-                x0 = batch["latent"]
-                drop = torch.rand(x0.shape[0], generator=g) < cfg.caption_dropout
+                x0 = batch["latent"].to(dev)
+                drop = (torch.rand(x0.shape[0], generator=g) < cfg.caption_dropout).to(dev)
                 empty_text, empty_mask = self.uncond
-                text = torch.where(drop[:, None, None], empty_text, batch["text"])
-                mask = torch.where(drop[:, None], empty_mask, batch["text_mask"])
+                text = torch.where(drop[:, None, None], empty_text, batch["text"].to(dev))
+                mask = torch.where(drop[:, None], empty_mask, batch["text_mask"].to(dev))
             else:
-                x0 = self.vae.encode(batch["image"])
+                x0 = self.vae.encode(batch["image"].to(dev))
                 drop = torch.rand(x0.shape[0], generator=g) < cfg.caption_dropout
                 captions = ["" if dropped else c for c, dropped in zip(batch["caption"], drop)]
                 text, mask = self.text_encoder.encode(captions)
             B = x0.shape[0]
-            t = sample_timesteps(B, cfg.logit_mean, cfg.logit_std, generator=g)
-            noise = torch.randn(x0.shape, generator=g)
+            t = sample_timesteps(B, cfg.logit_mean, cfg.logit_std, generator=g).to(dev)
+            noise = torch.randn(x0.shape, generator=g).to(dev)
             x_t, target = add_noise(x0, noise, t)
             keep = None
             if cfg.mask_ratio > 0:  # MaskDiT: the model sees, and is scored on, kept tokens only
                 S = self.cfg.model.num_patches
                 keep_n = max(1, round(S * (1 - cfg.mask_ratio)))
                 keep = torch.rand(B, S, generator=g).argsort(dim=1)[:, :keep_n].sort(1).values
+                keep = keep.to(dev)
                 rows = patchify(target, self.cfg.model.patch_size)
                 target = torch.gather(rows, 1, keep[..., None].expand(-1, -1, rows.shape[-1]))
         return (x_t, t, text, mask, keep), target
@@ -283,7 +288,7 @@ class Job:
                 loss = self.pipeline.train_step(
                     micro, lambda pred, tgt: flow_matching_loss(pred.float(), tgt))
             return loss, self.pipeline.routing
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.device)
         for inputs, target in micro:
             with self.autocast:
                 out = self.backend.module(*inputs)
@@ -328,13 +333,15 @@ class Job:
         def callback(step, t, x):
             state["t"] = record_steps.get(step)
 
-        noise = noise_from_seed((len(prompts), m.in_channels, m.input_size, m.input_size), seed)
+        noise = noise_from_seed((len(prompts), m.in_channels, m.input_size, m.input_size), seed,
+                                device=self.device)
         latents = sample(model_fn, noise, steps=cfg.sample_steps, method=cfg.sampler,
                          cfg_scale=cfg.cfg_scale, cond=(text, mask), uncond=uncond,
                          callback=callback, shift=cfg.sample_shift)
         self.model.load_state_dict(backup, strict=False)
         self.model.train()
-        return self.vae.decode(latents), maps
+        return self.vae.decode(latents).cpu(), {
+            t: {k: v.cpu() for k, v in layer_maps.items()} for t, layer_maps in maps.items()}
 
 
 def routing_metrics(routing: dict[int, Any]) -> dict[str, float]:
