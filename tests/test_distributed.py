@@ -38,6 +38,7 @@ LAUNCHES = {  # the data-parallel degree is what the world size leaves
         {"zero": "deepspeed", "zero_stage": 3}],
     4: [{"ep": 4}, {"tp": 2}, {"tp": 2, "ep": 2}, {"tp": 2, "sp": True, "ep": 2},
         {"tp": 2, "zero": "deepspeed", "zero_stage": 2},
+        {"tp": 2, "ep": 2, "zero": "deepspeed", "zero_stage": 2},
         {"pp": 4, "vpp": 2, "model.num_layers": 8}, {"tp": 2, "pp": 2}, {"pp": 2, "ep": 2}],
     8: [{"tp": 2, "pp": 2}, {"pp": 2, "ep": 2}],  # TP2xPP2xDP2; PP2xEP2xDP4 (expert-DP 2)
 }
@@ -60,6 +61,7 @@ def test_layout_matches_single_process(results, nproc, index):
     assert r["loss_rel_err"] <= TOL, r
     assert r["grad_rel_err"] <= TOL, r
     assert r["train_loss_rel_err"] <= TOL, r
+    assert r["train_norm_rel_err"] <= TOL, r  # the norm each backend clips with
     assert r["train_param_rel_err"] <= TOL, r
     if LAUNCHES[nproc][index].get("pp", 1) > 1:
         assert r["embedder_replica_max_diff"] == 0.0, r

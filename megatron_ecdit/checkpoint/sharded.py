@@ -35,13 +35,7 @@ def sharded_tensor(key: str, data: torch.Tensor, param: torch.Tensor,
     the first are extra replicas."""
     offsets = []
     tp_sharded = False
-    if getattr(param, "tensor_model_parallel", False):
-        if getattr(param, "partition_stride", 1) != 1:
-            raise NotImplementedError(f"{key}: strided tensor-parallel partitions")
-        offsets.append((param.partition_dim, ps.get_tensor_model_parallel_rank(),
-                        ps.get_tensor_model_parallel_world_size()))
-        tp_sharded = True
-    elif is_expert(param):
+    if is_expert(param):  # first: experts also carry TP marks
         ep_dim, etp_dim, halves = param.expert_dims
         etp = ps.get_expert_tensor_parallel_world_size()
         if halves > 1 and etp > 1:
@@ -53,6 +47,12 @@ def sharded_tensor(key: str, data: torch.Tensor, param: torch.Tensor,
                         ps.get_expert_model_parallel_world_size()))
         if etp > 1:
             offsets.append((etp_dim, ps.get_expert_tensor_parallel_rank(), etp))
+        tp_sharded = True
+    elif getattr(param, "tensor_model_parallel", False):
+        if getattr(param, "partition_stride", 1) != 1:
+            raise NotImplementedError(f"{key}: strided tensor-parallel partitions")
+        offsets.append((param.partition_dim, ps.get_tensor_model_parallel_rank(),
+                        ps.get_tensor_model_parallel_world_size()))
         tp_sharded = True
     pp_replica = 0
     if getattr(param, "pipeline_parallel", False):  # one copy per stage and model chunk

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                     reduce_from_tensor_model_parallel_region)
 from torch import nn
@@ -44,6 +45,13 @@ class GroupedExperts(nn.Module):
         self.w1.allreduce = self.w2.allreduce = False
         self.w1.expert_dims = (0, 2, 2 if activation == "swiglu" else 1)
         self.w2.expert_dims = (0, 1, 1)
+        # Split over expert-TP, each rank's shard is distinct: marked as megatron marks TP
+        # weights, so both ZeRO backends count every shard in the gradient norm (unmarked, only
+        # the first TP rank's would count).
+        etp = self.tp_group.size() if self.tp_group is not None else 1
+        for w in (self.w1, self.w2):
+            _, etp_dim, halves = w.expert_dims
+            set_tensor_model_parallel_attributes(w, etp > 1, etp_dim, halves)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

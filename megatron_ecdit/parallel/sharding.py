@@ -28,17 +28,17 @@ def _size(group: Optional[dist.ProcessGroup]) -> int:
 
 def shard_of(param: torch.Tensor, full: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """This rank's slice of `full` for `param`."""
-    if getattr(param, "tensor_model_parallel", False):
-        if getattr(param, "partition_stride", 1) != 1:
-            raise NotImplementedError("strided tensor-parallel partitions are not supported")
-        return full.chunk(_size(ctx.tp_group), dim=param.partition_dim)[_rank(ctx.tp_group)]
-    dims = getattr(param, "expert_dims", None)
+    dims = getattr(param, "expert_dims", None)  # experts first: they also carry TP marks
     if dims is not None:
         ep_dim, etp_dim, halves = dims
         part = full.chunk(_size(ctx.ep_group), dim=ep_dim)[_rank(ctx.ep_group)]
         pieces = part.chunk(halves, dim=etp_dim)  # SwiGLU: shard gate and up separately
         return torch.cat([p.chunk(_size(ctx.expert_tp_group), dim=etp_dim)
                           [_rank(ctx.expert_tp_group)] for p in pieces], dim=etp_dim)
+    if getattr(param, "tensor_model_parallel", False):
+        if getattr(param, "partition_stride", 1) != 1:
+            raise NotImplementedError("strided tensor-parallel partitions are not supported")
+        return full.chunk(_size(ctx.tp_group), dim=param.partition_dim)[_rank(ctx.tp_group)]
     return full
 
 
@@ -69,13 +69,13 @@ def gather_full(param: torch.Tensor, ctx: ParallelContext,
                 value: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The full tensor of `param` (or of `value`, a tensor sharded like it, e.g. its grad)."""
     value = param.detach() if value is None else value
-    if getattr(param, "tensor_model_parallel", False):
-        return _gather(value, param.partition_dim, ctx.tp_group)
-    dims = getattr(param, "expert_dims", None)
+    dims = getattr(param, "expert_dims", None)  # experts first: they also carry TP marks
     if dims is not None:
         ep_dim, etp_dim, halves = dims
         pieces = value.chunk(halves, dim=etp_dim)
         value = torch.cat([_gather(p, etp_dim, ctx.expert_tp_group) for p in pieces],
                           dim=etp_dim)
         return _gather(value, ep_dim, ctx.ep_group)
+    if getattr(param, "tensor_model_parallel", False):
+        return _gather(value, param.partition_dim, ctx.tp_group)
     return value

@@ -113,18 +113,19 @@ def check_training(spec: dict, ref_group, steps: int = 3) -> dict:
                else MegatronZeRO(model, cfg.model, cfg.moe, cfg.optim, ctx, layout))
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=cfg.optim.lr,
                                 betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=0.0)
-    loss_errs = []
+    loss_errs, norm_errs = [], []  # the gradient norm each backend clips with, too
     for step in range(steps):
         batch = global_batch(layout.dp * MICRO_BATCH, cfg, seed=100 + step)
         ref_opt.zero_grad()
         ref_loss = loss_of(reference, batch)
         ref_loss.backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.optim.grad_clip)
+        ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.optim.grad_clip)
         ref_opt.step()
         backend.zero_grad()
         loss = loss_of(backend.module, local_slice(batch, layout))
         backend.backward(loss)
-        backend.step(cfg.optim.lr)
+        norm = backend.step(cfg.optim.lr)
+        norm_errs.append(abs(norm - ref_norm.item()) / ref_norm.item())
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss, group=ps.get_data_parallel_group())
         loss_errs.append(abs(mean_loss.item() / layout.dp - ref_loss.item()) / ref_loss.item())
@@ -136,7 +137,8 @@ def check_training(spec: dict, ref_group, steps: int = 3) -> dict:
             err = ((full - want).abs().max() / want.abs().max()).item()
             if err > worst:
                 worst, worst_name = err, name
-    return {"loss_rel_err": max(loss_errs), "param_rel_err": worst, "worst": worst_name}
+    return {"loss_rel_err": max(loss_errs), "norm_rel_err": max(norm_errs),
+            "param_rel_err": worst, "worst": worst_name}
 
 
 def gathered_zero3(model, layout):
@@ -176,13 +178,13 @@ def check_pipeline(spec: dict, ref_group, steps: int = 3) -> dict:
                                 betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=0.0)
     schedule = get_forward_backward_func()
     rows = layout.dp * microbatches * MICRO_BATCH
-    loss_errs = []
+    loss_errs, norm_errs = [], []
     for step in range(steps):
         batch = global_batch(rows, cfg, seed=200 + step)
         ref_opt.zero_grad()
         ref_loss = loss_of(reference, batch)
         ref_loss.backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.optim.grad_clip)
+        ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.optim.grad_clip)
         ref_opt.step()
 
         dp_rank = ps.get_data_parallel_rank()
@@ -206,7 +208,8 @@ def check_pipeline(spec: dict, ref_group, steps: int = 3) -> dict:
                        model=backend.modules if vpp > 1 else backend.modules[0],
                        num_microbatches=microbatches, seq_length=cfg.model.num_patches,
                        micro_batch_size=MICRO_BATCH)
-        backend.step(cfg.optim.lr)
+        norm = backend.step(cfg.optim.lr)
+        norm_errs.append(abs(norm - ref_norm.item()) / ref_norm.item())
         local = torch.tensor(sum(d["loss"].item() for d in out) / microbatches if out else 0.0)
         dist.all_reduce(local, group=ps.get_pipeline_model_parallel_group())
         dist.all_reduce(local, group=ps.get_data_parallel_group())
@@ -230,6 +233,7 @@ def check_pipeline(spec: dict, ref_group, steps: int = 3) -> dict:
         replica_diff = max(replica_diff, (other - flat).abs().max().item())
     return {"layout": spec, "describe": layout.describe(), "loss_rel_err": 0.0,
             "grad_rel_err": 0.0, "train_loss_rel_err": max(loss_errs),
+            "train_norm_rel_err": max(norm_errs),
             "train_param_rel_err": worst, "train_worst": worst_name,
             "embedder_replica_max_diff": replica_diff}
 
@@ -267,6 +271,7 @@ def check(spec: dict, ref_group) -> dict:
     return {"layout": spec, "describe": layout.describe(), "loss_rel_err": loss_err,
             "grad_rel_err": worst_grad, "worst": worst_name,
             "train_loss_rel_err": training["loss_rel_err"],
+            "train_norm_rel_err": training["norm_rel_err"],
             "train_param_rel_err": training["param_rel_err"], "train_worst": training["worst"]}
 
 
