@@ -268,16 +268,17 @@ def _flat(tree, prefix=""):
 
 
 def test_deepspeed_zero2_resume_and_exchange_with_megatron(tmp_path, ctx):
-    """DeepSpeed ZeRO-2 at DP2 resumes exactly; its checkpoint goes through the consolidated
-    format to megatron's backend at TP2 with identical outputs; export -> import -> export is
-    bit-identical."""
+    """DeepSpeed ZeRO-2 at TP2xDP2 with EP2 (expert parameter groups over expert-DP) resumes
+    exactly; its checkpoint goes through the consolidated format to megatron's backend at TP2
+    with identical outputs; export -> import -> export is bit-identical."""
     out = tmp_path / "ds" / "out"
-    r = launch(2, "resume", out, "parallel.zero=deepspeed", "parallel.zero_stage=2")
+    r = launch(4, "resume", out, "parallel.tp=2", "parallel.ep=2", "parallel.zero=deepspeed",
+               "parallel.zero_stage=2")
     assert r["full"] == r["resumed"]
     first = consolidated.export(out / "checkpoints" / "step_0000004", tmp_path / "first")
     imported = tmp_path / "imported" / "out"
     r = launch(2, "import", first, out / "outputs.npz", imported, "parallel.tp=2",
-               "parallel.zero=megatron", "parallel.zero_stage=1")
+               "parallel.ep=1", "parallel.zero=megatron", "parallel.zero_stage=1")
     assert r["step"] == 0 and r["model_rel_err"] <= TOL and r["ema_rel_err"] <= TOL, r
     second = consolidated.export(imported / "checkpoints" / "step_0000000", tmp_path / "second")
     assert (first / "model.safetensors").read_bytes() == \

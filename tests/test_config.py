@@ -38,6 +38,15 @@ def test_missing_file_is_named():
         load_config("nope.yaml")
 
 
+def test_malformed_yaml_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="override 'train.sample_prompts'.*not valid YAML"):
+        load_config(overrides=["train.sample_prompts=['a red"])
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: [steps: 3\n")
+    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
+        load_config(path)
+
+
 def test_paper_sizes():
     model, moe = paper_model("M", 64)
     assert (model.num_layers, model.hidden_size, model.num_kv_heads) == (38, 3072, 12)

@@ -30,6 +30,8 @@ def test_degrees_and_expert_grid():
     (4, ["parallel.tp=2", "parallel.etp=1"], "parallel.etp=1 must equal parallel.tp=2"),
     (2, ["parallel.zero=deepspeed", "parallel.pp=2"], "parallel.pp = 1 only"),
     (2, ["parallel.zero=deepspeed", "parallel.zero_stage=4"], "must be 1, 2 or 3 for DeepSpeed"),
+    (2, ["parallel.zero=deepspeed", "parallel.zero_stage=3", "parallel.ep=2"],
+     "parallel.ep > 1 supports zero_stage 1 or 2"),
     (2, ["parallel.zero_stage=2"], "zero_stage 0 (DDP) or 1"),
     (2, ["moe.num_experts=0", "parallel.ep=2"], "parallel.ep > 1 needs moe.num_experts > 0"),
 ])

@@ -98,8 +98,10 @@ class ParallelLayout:
             if p.zero_stage not in (1, 2, 3):
                 raise ConfigError(
                     f"parallel.zero_stage must be 1, 2 or 3 for DeepSpeed, got {p.zero_stage}")
-            if p.ep > 1:
-                raise ConfigError("parallel.zero=deepspeed does not support parallel.ep > 1 yet")
+            if p.ep > 1 and p.zero_stage == 3:
+                raise ConfigError("parallel.zero=deepspeed with parallel.ep > 1 supports "
+                                  "zero_stage 1 or 2 (DeepSpeed ZeRO-3 partitions only "
+                                  "DeepSpeed-MoE experts over expert-DP)")
             if cfg.train.num_microbatches > 1:
                 raise ConfigError("parallel.zero=deepspeed does not support "
                                   "train.num_microbatches > 1 yet")

@@ -156,23 +156,74 @@ class _MegatronMpu:
         return parallel_state.get_tensor_model_parallel_group()
 
 
+def _deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict,
+                      expert_group: str | None):
+    """`deepspeed.initialize` for a non-pipeline model, with one difference: when
+    `expert_group` names expert-parallel parameters, the engine is told the model has MoE
+    layers. DeepSpeed recognises only its own MoE modules; the flag makes its ZeRO optimizer
+    partition and reduce each expert parameter group over that group's expert-DP group."""
+    import deepspeed
+    from deepspeed import comm
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if expert_group is None:
+        return deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                    mpu=_MegatronMpu(), dist_init_required=False)[0]
+
+    class ExpertParallelEngine(DeepSpeedEngine):
+        def _configure_distributed_model(self, module):
+            super()._configure_distributed_model(module)
+            self.has_moe_layers = True
+
+    comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                          dist_init_required=False)
+    mpu = _MegatronMpu()
+    return ExpertParallelEngine(args=None, model=model, optimizer=optimizer, mpu=mpu,
+                                dist_init_required=False, config=config,
+                                config_class=DeepSpeedConfig(config, mpu))
+
+
+def _register_expert_groups(name: str) -> None:
+    """Hand megatron-core's expert-parallel and expert-DP groups to DeepSpeed under `name`, so
+    both libraries use the groups the EC layer's all-to-all runs over. DeepSpeed keeps them in
+    module dictionaries of `deepspeed.utils.groups` (its MoE layer fills them the same way)."""
+    from deepspeed.utils import groups
+
+    for kind, group in (("PARALLEL", parallel_state.get_expert_model_parallel_group()),
+                        ("DATA_PARALLEL", parallel_state.get_expert_data_parallel_group())):
+        groups_of = getattr(groups, f"_EXPERT_{kind}_GROUP")
+        ranks_of = getattr(groups, f"_EXPERT_{kind}_GROUP_RANKS")
+        groups_of[name] = group
+        ranks_of[name] = torch.distributed.get_process_group_ranks(group)
+
+
 class DeepSpeedZeRO:
     """DeepSpeed ZeRO stage 1, 2 or 3 over the data-parallel group, with a torch AdamW as the
-    client optimizer (no fused-Adam build) and DeepSpeed's gradient clipping."""
+    client optimizer (no fused-Adam build) and DeepSpeed's gradient clipping. With expert
+    parallelism (ZeRO-1/2), the expert weights form DeepSpeed MoE parameter groups that are
+    partitioned and reduced over megatron-core's expert-DP group."""
 
     def __init__(self, model: nn.Module, optim: OptimConfig, layout: ParallelLayout,
                  micro_batch_size: int):
-        import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-        if layout.ep > 1:
-            raise ValueError("the DeepSpeed backend does not support expert parallelism yet")
         if optim.name != "adamw":
             raise ValueError("the DeepSpeed backend supports optim.name=adamw")
-        # DeepSpeed reads `allreduce = False` as "an expert of DeepSpeed-MoE". Without expert
-        # parallelism our experts are ordinary data-parallel parameters.
+        if layout.ep > 1 and layout.zero_stage == 3:
+            raise ValueError("DeepSpeed ZeRO-3 with expert parallelism is not supported")
+        # DeepSpeed reads `allreduce = False` as "an expert parameter of group `group_name`".
+        # Without expert parallelism our experts are ordinary data-parallel parameters.
+        expert_group = f"ep_size_{layout.ep}" if layout.ep > 1 else None
         for p in model.parameters():
             if getattr(p, "allreduce", True) is False:
-                p.allreduce = True
+                if expert_group is None:
+                    p.allreduce = True
+                else:
+                    p.group_name = expert_group
+        if expert_group is not None:
+            _register_expert_groups(expert_group)
         if layout.zero_stage == 3:
             # ZeRO-3 gathers a module's partitioned parameters for backward from hooks on the
             # tensors the module returns. The FFN and router return dataclasses, which those
@@ -184,7 +235,10 @@ class DeepSpeedZeRO:
                 if isinstance(block, ECDiTBlock):
                     for p in block.parameters():
                         register_external_parameter(block, p)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr,
+        param_groups = [{"name": "dense", "params": list(model.parameters())}]
+        if expert_group is not None:
+            param_groups = split_params_into_different_moe_groups_for_optimizer(param_groups)
+        optimizer = torch.optim.AdamW(param_groups, lr=optim.lr,
                                       betas=tuple(optim.betas), eps=optim.eps,
                                       weight_decay=optim.weight_decay)
         config = {"train_micro_batch_size_per_gpu": micro_batch_size,
@@ -192,9 +246,7 @@ class DeepSpeedZeRO:
                   "gradient_clipping": optim.grad_clip,
                   "zero_optimization": {"stage": layout.zero_stage},
                   "steps_per_print": 2**31 - 1}
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=config, mpu=_MegatronMpu(),
-            dist_init_required=False)
+        self.engine = _deepspeed_engine(model, optimizer, config, expert_group)
         self.module = self.engine
 
     def zero_grad(self) -> None:
@@ -219,10 +271,14 @@ class DeepSpeedZeRO:
         the parameter (collective). Both backends thus write the same optimizer tensors."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        if is_loading:  # DeepSpeed creates and links Adam's state at the first step
-            zero = self.engine.optimizer
+        zero = self.engine.optimizer
+        if is_loading:  # DeepSpeed creates Adam's state at the first step
             initialise_state(zero.optimizer)
-            zero._lazy_init_hp_params_optimizer_state()
+        # DeepSpeed links each parameter to its Adam state once, right after stepping the
+        # first parameter group, so later groups (the expert groups) link to an empty state;
+        # link again now that every group has its state.
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
         state = {}
         for entry, sh in model_state.items():
             for key in self._STATE:
