@@ -289,7 +289,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
-        self.model.validate()
+        # The training job sets the model's input size from the images and the VAE; in pixel
+        # space that is the image size, so the model's shape is checked at that size.
+        seen = self.data.image_size if self.vae.path is None else self.model.input_size
+        dataclasses.replace(self.model, input_size=seen).validate()
         self.moe.validate(self.model.num_layers)
         self.data.validate()
         if not 0.0 <= self.diffusion.mask_ratio < 1.0:

@@ -54,3 +54,10 @@ def test_paper_sizes():
     assert paper_model("M", 0)[0].num_layers == 46
     with pytest.raises(ConfigError, match="unknown model size"):
         paper_model("XS", 8)
+
+
+def test_pixel_space_checks_the_patch_size_against_the_image_size():
+    load_config(overrides=["data.image_size=24", "model.patch_size=3"])  # 32 % 3 is no error
+    with pytest.raises(ConfigError, match="model.input_size=24 is not divisible by "
+                                          "model.patch_size=5"):
+        load_config(overrides=["data.image_size=24", "model.patch_size=5"])
