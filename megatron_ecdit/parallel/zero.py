@@ -211,8 +211,6 @@ class DeepSpeedZeRO:
 
         if optim.name != "adamw":
             raise ValueError("the DeepSpeed backend supports optim.name=adamw")
-        if layout.ep > 1 and layout.zero_stage == 3:
-            raise ValueError("DeepSpeed ZeRO-3 with expert parallelism is not supported")
         # DeepSpeed reads `allreduce = False` as "an expert parameter of group `group_name`".
         # Without expert parallelism our experts are ordinary data-parallel parameters.
         expert_group = f"ep_size_{layout.ep}" if layout.ep > 1 else None
