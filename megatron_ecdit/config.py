@@ -242,6 +242,9 @@ class CheckpointConfig:
     """Sharded checkpoints under train.output_dir/checkpoints (see checkpoint/distributed.py)."""
 
     save_interval: int = 500  # steps; 0 = only on preemption and at the end
+    # Also save the weights a fresh run starts from, as step_0000000 (a seed checkpoint: e.g.
+    # to export and compare the initial weights of two layouts).
+    save_initial: bool = False
     keep_last: int = 2
     async_save: bool = False  # write shards in a forked process while training goes on
 

@@ -65,33 +65,3 @@ def test_layout_matches_single_process(results, nproc, index):
     assert r["train_param_rel_err"] <= TOL, r
     if LAUNCHES[nproc][index].get("pp", 1) > 1:
         assert r["embedder_replica_max_diff"] == 0.0, r
-
-
-ENTRY_LAYOUTS = {
-    "TP2+SPxEP2": (4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"]),
-    "PP2xVPP2": (2, ["parallel.pp=2", "parallel.vpp=2", "train.num_microbatches=2",
-                     "model.num_layers=4"]),
-    "DeepSpeed-ZeRO2": (2, ["parallel.zero=deepspeed", "parallel.zero_stage=2"]),
-}
-
-
-@pytest.mark.parametrize("name", list(ENTRY_LAYOUTS))
-def test_pretrain_entry_point_under_torchrun(tmp_path, name):
-    """The real entry point under torchrun writes metrics.jsonl and samples."""
-    nproc, layout = ENTRY_LAYOUTS[name]
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(nproc), str(ROOT / "pretrain_ecdit.py"), "train.steps=4",
-           "train.micro_batch_size=2", "model.hidden_size=32", "model.num_layers=2",
-           "model.num_heads=2", "model.num_kv_heads=2", "moe.num_experts=4",
-           "train.log_interval=2", f"train.output_dir={out}",
-           f"data.urls={tmp_path}/data/{{000000..000003}}.tar", "data.samples_per_shard=16",
-           "diffusion.sample_steps=2", "train.progress=false",
-           "train.sample_prompts=['a red circle', 'a blue square']", *layout]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all(r["loss"] > 0 for r in rows)
-    assert (out / "samples.png").is_file()

@@ -54,8 +54,8 @@ class Parts:
     ema: dict[str, torch.Tensor]  # EMA shadow, keyed like named_parameters of the whole model
     ema_names: dict[str, tuple[int, str]]  # EMA key -> (chunk, model-space parameter name)
     # The optimizer adapter: sharded_state_dict(model_sd, is_loading), load_state_dict(state,
-    # step), and `checkpoint_format`, the name of its optimizer-state layout (loadable by
-    # adapters of the same format at any layout).
+    # step), reload_model_params(), and `checkpoint_format`, the name of its optimizer-state
+    # layout (loadable by adapters of the same format at any layout).
     backend: Any
     rank_state: Callable[[], dict]  # per-data-parallel-rank state (data position, generator)
 
@@ -179,6 +179,9 @@ def load(path: str | os.PathLike, parts: Parts) -> tuple[dict[str, Any], Optiona
         for group, tensors in targets.items():
             for entry, tensor in loaded[group].items():
                 tensors[entry].copy_(tensor)
+    # The backend's own copies of the weights (fp32 master partitions, main parameters) follow
+    # the loaded parameters; otherwise its next step would write the old weights back.
+    parts.backend.reload_model_params()
     if with_optimizer:
         parts.backend.load_state_dict(loaded["optimizer"], common["step"])
     return common, loaded.get("rank_state"), notes

@@ -30,6 +30,7 @@ from megatron_ecdit.config import ModelConfig, MoEConfig
 from megatron_ecdit.models.attention import Attention
 from megatron_ecdit.models.embedders import (CaptionProjection, PatchEmbed, TimestepEmbedder,
                                              sincos_pos_embed_2d, unpatchify)
+from megatron_ecdit.models.param_tags import declare_linear_init, declare_norm_init
 from megatron_ecdit.models.tensor_parallel import ColumnLinear, ParallelContext
 from megatron_ecdit.moe.layer import FFNOutput, MoELayer, RoutingStats, build_ffn
 
@@ -68,6 +69,7 @@ class ECDiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.self_attn = Attention(ctx, d, model.num_heads, model.num_kv_heads)
         self.norm_cross = nn.LayerNorm(d, eps=1e-6)
+        declare_norm_init(self.norm_cross)
         for p in self.norm_cross.parameters():  # sees a sequence slice: grads summed over TP
             p.sequence_parallel = ctx.sequence_parallel
         self.cross_attn = Attention(ctx, d, model.num_heads, model.num_kv_heads, cross=True,
@@ -101,6 +103,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(d, p * p * model.in_channels)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
+        declare_linear_init(self.linear, 0.0)
 
     def forward(self, x_SBD: torch.Tensor, c_BDc: torch.Tensor) -> torch.Tensor:
         shift, scale = self.modulation(c_BDc)

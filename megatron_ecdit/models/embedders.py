@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_ecdit.models.param_tags import (declare_init, declare_linear_init, xavier_uniform,
+                                              zeros)
+
 
 def patchify(x_BCHW: torch.Tensor, p: int) -> torch.Tensor:
     B, C, H, W = x_BCHW.shape
@@ -50,6 +53,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Linear(patch_size * patch_size * in_channels, hidden_size)
         nn.init.xavier_uniform_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+        declare_init(self.proj.weight, xavier_uniform)
+        declare_init(self.proj.bias, zeros)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return self.proj(patchify(x_BCHW, self.patch_size))  # (B, S, D)
@@ -66,6 +71,7 @@ class TimestepEmbedder(nn.Module):
         for layer in (self.mlp[0], self.mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
+            declare_linear_init(layer, 0.02)
 
     def forward(self, t_B: torch.Tensor) -> torch.Tensor:
         half = self.frequency_size // 2
@@ -85,6 +91,7 @@ class CaptionProjection(nn.Module):
         for layer in (self.fc1, self.fc2):
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
+            declare_linear_init(layer, 0.02)
 
     def forward(self, text_BLT: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(text_BLT), approximate="tanh"))  # (B, L, D)

@@ -21,6 +21,8 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
+from megatron_ecdit.models.param_tags import declare_linear_init
+
 INIT_STD = 0.02
 
 
@@ -77,6 +79,7 @@ class ColumnLinear(nn.Module):
         self.linear = ColumnParallelLinear(
             in_features, out_features, config=ctx.mp_config, init_method=_normal_init(init_std),
             bias=bias, gather_output=gather_output, tp_group=ctx.tp_group)
+        declare_linear_init(self.linear, init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _forward(self.linear, x)
@@ -100,6 +103,7 @@ class RowLinear(nn.Module):
         self.linear = RowParallelLinear(
             in_features, out_features, config=ctx.mp_config, init_method=_normal_init(init_std),
             bias=bias, input_is_parallel=True, skip_bias_add=False, tp_group=ctx.tp_group)
+        declare_linear_init(self.linear, init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _forward(self.linear, x)

@@ -23,6 +23,7 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
 from torch import nn
 
 from megatron_ecdit.config import Activation
+from megatron_ecdit.models.param_tags import declare_init, normal
 
 
 class GroupedExperts(nn.Module):
@@ -39,6 +40,8 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
         self.init_std = init_std
         self.output_init_std = output_init_std or init_std
+        declare_init(self.w1, normal(self.init_std))
+        declare_init(self.w2, normal(self.output_init_std))
         self.tp_group = tp_group if tp_group is not None and tp_group.size() > 1 else None
         # megatron-core's DDP reads `allreduce` to reduce expert grads over expert-DP only;
         # parallel/sharding.py reads expert_dims = (EP dim, expert-TP dim, halves along it).

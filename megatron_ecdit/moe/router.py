@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ecdit.config import ConfigError, GateKind, PoolKind
+from megatron_ecdit.models.param_tags import declare_init, normal
 
 
 def expert_capacity(tokens_per_pool: int, num_experts: int, capacity_factor: float,
@@ -95,6 +96,8 @@ class _RouterBase(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden_size, num_experts, dtype=torch.float32))
         self.cond_weight = (nn.Parameter(torch.empty(cond_size, num_experts, dtype=torch.float32))
                             if cond_size else None)
+        declare_init(self.weight, normal(0.02))
+        declare_init(self.cond_weight, normal(0.02))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

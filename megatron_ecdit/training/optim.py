@@ -61,6 +61,9 @@ class TorchOptimizer:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def reload_model_params(self) -> None:
+        """Nothing to refresh after a load: the optimizer steps the parameters themselves."""
+
     def step(self, lr: float) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -72,8 +75,7 @@ class TorchOptimizer:
         """The optimizer's moments as ShardedTensors shaped like the parameters (megatron-core's
         helpers for regular torch optimizers); the step count is restored from the checkpoint's
         step, as every parameter takes every step."""
-        if is_loading:
-            initialise_state(self.optimizer)
+        initialise_state(self.optimizer)  # before the first step there is none yet
         state = self.optimizer.state_dict()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         optim_state_to_sharding_state(
@@ -88,8 +90,10 @@ class TorchOptimizer:
 
 @torch.no_grad()
 def initialise_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create a fresh optimizer's state tensors (to load a checkpoint into) by a step of lr 0 on
-    zero gradients, which leaves the parameters exactly unchanged. No-op if state exists."""
+    """Create a fresh optimizer's state tensors (to save them before the first step, or to load
+    a checkpoint into) by a step of lr 0 on zero gradients, which leaves the parameters exactly
+    unchanged and the moments zero; the step count is set back to 0, so the state is exactly
+    the one the first real step would create. No-op if state exists."""
     if optimizer.state:
         return
     lrs = [group["lr"] for group in optimizer.param_groups]
@@ -101,6 +105,11 @@ def initialise_state(optimizer: torch.optim.Optimizer) -> None:
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"].zero_()
+        elif "step" in state:
+            state["step"] = 0
 
 
 class EMA:

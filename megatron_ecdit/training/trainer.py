@@ -43,12 +43,11 @@ from megatron_ecdit.encoders.text import TextEncoder
 from megatron_ecdit.encoders.vae import Autoencoder, build_vae
 from megatron_ecdit.models.ecdit import ECDiT, stage_layers
 from megatron_ecdit.models.embedders import patchify
-from megatron_ecdit.moe.experts import GroupedExperts
 from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.parallel.setup import (data_parallel_rank_and_size, initialize_parallel,
                                            local_device, world_size)
 from megatron_ecdit.parallel.pipeline import PipelineRunner
-from megatron_ecdit.parallel.sharding import load_full_state
+from megatron_ecdit.parallel.sharding import check_replicas, initialize, load_full_state
 from megatron_ecdit.parallel.zero import DeepSpeedZeRO, MegatronZeRO
 from megatron_ecdit.training.optim import EMA, TorchOptimizer, learning_rate
 from megatron_ecdit.training.preemption import StopRequest
@@ -73,7 +72,6 @@ class Job:
         self.ctx = ctx = initialize_parallel(self.layout)
         self.is_writer = dist.get_rank() == 0
         self.device = local_device()
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         # Noise, timesteps and caption dropout differ per data-parallel rank, as the data does.
         dp_rank, _ = data_parallel_rank_and_size()
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 1000003 * dp_rank)
@@ -87,12 +85,15 @@ class Job:
         self.data: Optional[BatchStream] = None
         self.saver = AsyncCallsQueue() if cfg.checkpoint.async_save else None
         self.pipeline: Optional[PipelineRunner] = None
-        # Weights are drawn on the CPU (the same on any device and layout), then moved.
+        # Weights are drawn on the CPU, by parameter name from the seed (the same on any device
+        # and layout), then moved.
         if self.layout.pp > 1:
             self.model = nn.ModuleList(self._pipeline_chunks(ctx))
         else:
             self.model = ECDiT(cfg.model, cfg.moe, ctx)
-        self._decorrelate_expert_shards()
+        for chunk in self.chunks:
+            initialize(chunk, cfg.train.seed, ctx)
+        check_replicas(self.chunks, ctx)
         self.model.to(self.device)
         if self.layout.pp > 1:
             chunks = list(self.model)
@@ -112,41 +113,15 @@ class Job:
                          if cfg.train.precision == "bf16" else nullcontext())
 
     def _pipeline_chunks(self, ctx) -> list[ECDiT]:
-        """This rank's model chunks; the replicated conditioning embedders start identical on
-        every stage (broadcast from the first), so they stay identical."""
+        """This rank's model chunks (stages of blocks); the conditioning embedders replicated
+        on every stage are drawn by name, so they start, and stay, identical."""
         lay, m = self.layout, self.cfg.model
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-        chunks = []
-        for v in range(lay.vpp):
-            layers = stage_layers(m.num_layers, lay.pp, lay.vpp, pp_rank, v)
-            torch.manual_seed(self.cfg.train.seed + 7919 * layers.start)
-            chunks.append(ECDiT(m, self.cfg.moe, ctx, layers=layers,
-                                pre_process=pp_rank == 0 and v == 0,
-                                post_process=pp_rank == lay.pp - 1 and v == lay.vpp - 1))
-        group = parallel_state.get_pipeline_model_parallel_group()
-        first = parallel_state.get_pipeline_model_parallel_first_rank()
-        with torch.no_grad():
-            for name, p in chunks[0].named_parameters():
-                if getattr(p, "pipeline_parallel", False):
-                    dist.broadcast(p, first, group=group)
-                    for chunk in chunks[1:]:
-                        chunk.get_parameter(name).copy_(p)
-        return chunks
-
-    def _decorrelate_expert_shards(self) -> None:
-        """Experts on different expert-parallel (or expert-TP) ranks are different weights;
-        one seed would give every rank's shard the same values, so ranks other than the first
-        redraw theirs from a seed that includes their expert ranks."""
-        ep = parallel_state.get_expert_model_parallel_rank()
-        etp = parallel_state.get_expert_tensor_parallel_rank()
-        if ep == 0 and etp == 0:
-            return
-        g = torch.Generator().manual_seed(self.cfg.train.seed + 104729 * (ep + 1) + 1299709 * etp)
-        with torch.no_grad():
-            for module in self.model.modules():
-                if isinstance(module, GroupedExperts):
-                    module.w1.normal_(0.0, module.init_std, generator=g)
-                    module.w2.normal_(0.0, module.output_init_std, generator=g)
+        return [ECDiT(m, self.cfg.moe, ctx,
+                      layers=stage_layers(m.num_layers, lay.pp, lay.vpp, pp_rank, v),
+                      pre_process=pp_rank == 0 and v == 0,
+                      post_process=pp_rank == lay.pp - 1 and v == lay.vpp - 1)
+                for v in range(lay.vpp)]
 
     def _derive_model_inputs(self) -> None:
         """The model's input channels, size and text width follow the frozen encoders."""
@@ -176,6 +151,8 @@ class Job:
         return {"generator": self.generator.get_state(), "data": self.data_position()}
 
     def save(self, step: int, weights_only: bool = False) -> Path:
+        # Only one copy of a replicated shard is written: every copy must still be the same.
+        check_replicas(self.chunks, self.ctx)
         parts = self.checkpoint_parts()
         if weights_only:
             parts.backend = None
@@ -187,6 +164,7 @@ class Job:
         """This rank's shards of full single-process weights; the EMA starts equal to them."""
         for chunk in self.chunks:
             load_full_state(chunk, state, self.ctx)
+        self.backend.reload_model_params()
         self.ema = EMA(self.model, self.cfg.optim.ema_decay)
 
     def resume(self) -> int:
@@ -408,6 +386,10 @@ def train(cfg: Config) -> dict[str, float]:
                disable=not (tc.progress and job.is_writer))
     start = time.perf_counter()
     batches = job.batches()
+    if cfg.checkpoint.save_initial and start_step == 0:
+        path = job.save(0)
+        if job.is_writer:
+            print(f"saved the initial weights: {path}")
     stop = StopRequest(tc.exit_duration_minutes)
     stopped = None
     save_every = cfg.checkpoint.save_interval

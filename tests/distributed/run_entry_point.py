@@ -1,0 +1,42 @@
+"""Run several jobs through the entry point in one launch (start-up dominates on CPU).
+
+    torchrun --nproc-per-node 2 tests/distributed/run_entry_point.py '[JOB, ...]'
+    python tests/distributed/run_entry_point.py '[JOB, ...]'          (one process)
+
+Each JOB is one of
+    ["train", ARG, ...]                         pretrain_ecdit.main([ARG, ...]), as the command line
+    ["export", CHECKPOINT, OUT]                 tools/convert_checkpoint.py export --weights model
+    ["import", FOLDER, OUT, OVERRIDE, ...]      tools/convert_checkpoint.py import
+in order; a job that returns non-zero stops the launch with that code.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import convert_checkpoint  # noqa: E402
+import pretrain_ecdit  # noqa: E402
+
+
+def main() -> int:
+    for kind, *args in json.loads(sys.argv[1]):
+        if kind == "train":
+            code = pretrain_ecdit.main(args)
+        elif kind == "export":
+            code = convert_checkpoint.main(["export", *args, "--weights", "model"])
+        else:
+            code = convert_checkpoint.main(["import", *args])
+        if code:
+            print(f"job {kind} {args} exited with {code}", file=sys.stderr)
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

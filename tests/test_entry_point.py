@@ -1,0 +1,196 @@
+"""The same run on every layout, through `pretrain_ecdit.py` as a user runs it (no weights are
+loaded first), and loaded weights that survive a step on every backend.
+
+One launch per world size runs every job of that size (tests/distributed/run_entry_point.py):
+  - each layout trains 6 steps from the same config and seed, saving its initial weights;
+    the exported step-0 weights are bit-identical to one process at every layout, and the
+    losses equal their reference to 1e-5: DP = 1 layouts against one process, expert-parallel
+    layouts against plain data parallelism at the same DP size (each DP rank reads its own
+    slice of the stream and draws its own noise, so DP sizes differ in their samples);
+  - a consolidated export of the one-process run is imported and fine-tuned for 3 steps in one
+    process, at megatron TP2 and at DeepSpeed ZeRO-2 (TP2): equal to 1e-5;
+  - one step at lr 1e-12 after an import (every backend) or a resume across backends leaves
+    the weights within 1e-9 of the loaded ones (a backend that kept its own master copy of the
+    old weights would write them back).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from megatron_ecdit.checkpoint import consolidated
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests/distributed/run_entry_point.py"
+TOL = 1e-5
+STEPS = 6
+TINY_LR = ["optim.lr=1e-12", "optim.min_lr=1e-12"]
+
+DS2 = ["parallel.zero=deepspeed", "parallel.zero_stage=2"]
+LAYOUTS = {  # name: (processes, overrides, reference)
+    "one": (1, [], None),
+    "one-mb2": (1, ["train.num_microbatches=2"], None),
+    "DP2": (2, [], None),
+    "DP4": (4, [], None),
+    "TP2": (2, ["parallel.tp=2"], "one"),
+    "TP2+SP": (2, ["parallel.tp=2", "parallel.sp=true"], "one"),
+    "PP2": (2, ["parallel.pp=2"], "one"),
+    "PP2xVPP2": (2, ["parallel.pp=2", "parallel.vpp=2", "train.num_microbatches=2"], "one-mb2"),
+    "TP2xPP2": (4, ["parallel.tp=2", "parallel.pp=2"], "one"),
+    "DeepSpeed-ZeRO2-TP2": (2, ["parallel.tp=2", *DS2], "one"),
+    "EP2": (2, ["parallel.ep=2"], "DP2"),
+    "EP4": (4, ["parallel.ep=4"], "DP4"),
+    "TP2xEP2": (4, ["parallel.tp=2", "parallel.ep=2"], "DP2"),
+    "TP2xPP2xEP2": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2"], "DP2"),
+    "DeepSpeed-ZeRO2-EP2": (2, ["parallel.ep=2", *DS2], "DP2"),
+}
+FINETUNE = {  # name: (processes, overrides): 3 steps from the imported weights
+    "one": (1, []),
+    "TP2": (2, ["parallel.tp=2"]),
+    "DeepSpeed-ZeRO2-TP2": (2, ["parallel.tp=2", *DS2]),
+}
+TINY_STEP_AFTER_IMPORT = {  # name: (processes, overrides): one step at lr 1e-12
+    "one": (1, []),
+    "megatron-TP2": (2, ["parallel.tp=2"]),
+    "megatron-ZeRO1-DP2": (2, []),
+    "DeepSpeed-ZeRO1-DP2": (2, ["parallel.zero=deepspeed", "parallel.zero_stage=1"]),
+    "DeepSpeed-ZeRO2-DP2": (2, DS2),
+    "DeepSpeed-ZeRO2-TP2": (2, ["parallel.tp=2", *DS2]),
+}
+CROSS_BACKEND = {  # name: (processes, overrides, run whose last checkpoint is resumed)
+    "megatron-DP2->DeepSpeed-ZeRO2": (2, DS2, "DP2"),
+    "DeepSpeed-ZeRO2-EP2->megatron-EP2": (2, ["parallel.ep=2"], "DeepSpeed-ZeRO2-EP2"),
+}
+
+
+def common(out: Path, data: Path) -> list[str]:
+    return ["model.hidden_size=32", "model.num_layers=4", "model.num_heads=2",
+            "model.num_kv_heads=2", "moe.num_experts=4", "data.image_size=16",
+            "train.micro_batch_size=2", "train.log_interval=1", "train.progress=false",
+            "train.tensorboard=false", "diffusion.sample_steps=2",
+            "train.sample_prompts=['a red circle']", "train.compute_map_prompts=1",
+            "optim.lr=5e-3", "optim.warmup_steps=1", "optim.schedule=constant",
+            "checkpoint.save_interval=0", "checkpoint.keep_last=10",
+            f"data.urls={data}/{{000000..000003}}.tar", "data.samples_per_shard=16",
+            f"train.output_dir={out}"]
+
+
+def launch(nproc: int, jobs: list[list[str]], log: Path) -> None:
+    if not jobs:
+        return
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = ([sys.executable] if nproc == 1 else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(nproc)])
+    result = subprocess.run([*cmd, str(SCRIPT), json.dumps(jobs)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, timeout=900)
+    log.write_text(result.stdout)
+    assert result.returncode == 0, f"{log}:\n" + result.stdout[-5000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("entry")
+    data = root / "data"
+    out = {kind: {} for kind in ("layout", "finetune", "tiny", "cross")}
+    jobs: dict[int, list] = {1: [], 2: [], 4: [], 8: []}
+    for name, (n, overrides, _) in LAYOUTS.items():
+        out["layout"][name] = root / "layout" / name
+        jobs[n].append(["train", *common(out["layout"][name], data), f"train.steps={STEPS}",
+                        "checkpoint.save_initial=true", *overrides])
+    imported = root / "imported"
+    exported = root / "exported"
+    jobs[1] += [["export", str(out["layout"]["one"] / "checkpoints" / f"step_{STEPS:07d}"),
+                 str(exported)],
+                ["import", str(exported), str(imported)]]
+    start = str(imported / "checkpoints" / "step_0000000")
+    for name, (n, overrides) in FINETUNE.items():
+        out["finetune"][name] = root / "finetune" / name
+        jobs[n].append(["train", *common(out["finetune"][name], data), "train.steps=3",
+                        f"train.resume={start}", *overrides])
+    for name, (n, overrides) in TINY_STEP_AFTER_IMPORT.items():
+        out["tiny"][name] = root / "tiny" / name
+        jobs[n].append(["train", *common(out["tiny"][name], data), "train.steps=1",
+                        f"train.resume={start}", *TINY_LR, *overrides])
+    for name, (n, overrides, source) in CROSS_BACKEND.items():
+        out["cross"][name] = root / "cross" / name
+        resume = out["layout"][source] / "checkpoints" / f"step_{STEPS:07d}"
+        jobs[n].append(["train", *common(out["cross"][name], data), f"train.steps={STEPS + 1}",
+                        f"train.resume={resume}", *TINY_LR, *overrides])
+    launch(1, jobs.pop(1), root / "launch-1.log")  # first: writes the data and the export
+    for n, todo in jobs.items():
+        launch(n, todo, root / f"launch-{n}.log")
+    out["exported"] = exported
+    return out
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open())}
+
+
+def weights(checkpoint: Path, tmp: Path) -> dict[str, np.ndarray]:
+    folder = consolidated.export(checkpoint, tmp / checkpoint.parent.parent.name /
+                                 checkpoint.name, weights="model")
+    return load_file(str(folder / consolidated.WEIGHTS))
+
+
+def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+@pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "one"])
+def test_initial_weights_are_bit_identical_to_one_process(runs, tmp_path, name):
+    one = weights(runs["layout"]["one"] / "checkpoints" / "step_0000000", tmp_path)
+    mine = weights(runs["layout"][name] / "checkpoints" / "step_0000000", tmp_path)
+    assert sorted(mine) == sorted(one)
+    different = [k for k in one if not np.array_equal(mine[k], one[k])]
+    assert different == [], different[:5]
+    assert any(np.abs(v).max() > 0 for k, v in one.items() if ".experts." in k)
+
+
+@pytest.mark.parametrize("name", [n for n, (_, _, ref) in LAYOUTS.items() if ref])
+def test_losses_equal_the_reference(runs, name):
+    mine = losses(runs["layout"][name])
+    ref = losses(runs["layout"][LAYOUTS[name][2]])
+    assert sorted(mine) == sorted(ref) == list(range(1, STEPS + 1))
+    errors = [abs(mine[s] - ref[s]) / ref[s] for s in ref]
+    assert max(errors) <= TOL, (errors, mine, ref)
+    # the block weights matter: the losses move well beyond the tolerance over the run
+    assert abs(ref[STEPS] - ref[1]) / ref[1] > 1e-2
+    assert (runs["layout"][name] / "samples.png").is_file()
+
+
+def test_plain_data_parallel_sizes_see_different_samples(runs):
+    """Stated in the README: each DP rank reads its own slice and draws its own noise."""
+    assert losses(runs["layout"]["DP2"])[1] != losses(runs["layout"]["one"])[1]
+
+
+@pytest.mark.parametrize("name", [n for n in FINETUNE if n != "one"])
+def test_finetuning_from_an_import_equals_one_process(runs, name):
+    mine, ref = losses(runs["finetune"][name]), losses(runs["finetune"]["one"])
+    assert sorted(mine) == sorted(ref) == [1, 2, 3]
+    assert max(abs(mine[s] - ref[s]) / ref[s] for s in ref) <= TOL, (mine, ref)
+
+
+@pytest.mark.parametrize("name", list(TINY_STEP_AFTER_IMPORT))
+def test_a_tiny_step_after_an_import_keeps_the_imported_weights(runs, tmp_path, name):
+    loaded = load_file(str(runs["exported"] / consolidated.WEIGHTS))
+    after = weights(runs["tiny"][name] / "checkpoints" / "step_0000001", tmp_path)
+    assert max_diff(after, loaded) <= 1e-9
+
+
+@pytest.mark.parametrize("name", list(CROSS_BACKEND))
+def test_a_tiny_step_after_a_cross_backend_resume_keeps_the_loaded_weights(runs, tmp_path,
+                                                                           name):
+    source = runs["layout"][CROSS_BACKEND[name][2]]
+    loaded = weights(source / "checkpoints" / f"step_{STEPS:07d}", tmp_path)
+    after = weights(runs["cross"][name] / "checkpoints" / f"step_{STEPS + 1:07d}", tmp_path)
+    assert max_diff(after, loaded) <= 1e-9
+    assert sorted(losses(runs["cross"][name])) == [STEPS + 1]
