@@ -3,6 +3,11 @@
     python pretrain_ecdit.py --config examples/configs/demo.yaml key.sub=value ...
 
 With no --config the embedded default (a tiny EC-DiT on synthetic shapes) is trained.
+
+Exit codes: 0 the run reached train.steps (or had already: OUTPUT_DIR/finished exists);
+75 (sysexits' EX_TEMPFAIL) it stopped early on SIGTERM/SIGUSR1 or its time limit after saving a
+checkpoint: resume it (examples/slurm/pretrain_ecdit.sbatch requeues itself); 2 a config or
+layout error, found before anything is built; 1 a bad checkpoint or bad data.
 """
 
 import argparse
@@ -13,6 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from megatron_ecdit.config import ConfigError, load_config  # noqa: E402
+
+
+EXIT_RESUME = 75  # stopped early after saving: run again to resume
 
 
 def main(argv=None) -> int:
@@ -29,11 +37,14 @@ def main(argv=None) -> int:
     from megatron_ecdit.data.bad_input import DataError
     from megatron_ecdit.training.trainer import train
     try:
-        train(cfg)
+        summary = train(cfg)
+    except ConfigError as err:  # e.g. a layout the world size or the model cannot take
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     except (CheckpointError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    return 0
+    return EXIT_RESUME if summary["stopped"] else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ setup(
         "megatron-core==0.16.1",  # newest that installs on Python 3.11
         "deepspeed==0.19.8",
         "webdataset==1.0.2",
+        "python-hostlist>=2.0",  # SLURM node lists (rank discovery under srun)
         "transformers==5.24.0",
         "diffusers==0.42.1",
         "safetensors>=0.4",

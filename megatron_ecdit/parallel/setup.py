@@ -1,9 +1,10 @@
 """Process groups: torch.distributed + megatron-core parallel_state -> one ParallelContext.
 
 This is the only place that creates or looks up process groups; models receive the result.
-Launched by torchrun the world comes from the environment; run as a plain script it is a
-one-process gloo world, so megatron-core's layers find their (size-one) groups either way.
-On a machine without CUDA the CPU compatibility layer is applied first.
+Launched by torchrun or srun (one task per GPU) the world comes from the launcher's variables
+(parallel/launch.py); run as a plain script it is a one-process gloo world, so megatron-core's
+layers find their (size-one) groups either way. On a machine without CUDA the CPU
+compatibility layer is applied first.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 
 from megatron_ecdit.models.tensor_parallel import ParallelContext
 from megatron_ecdit.parallel import cpu_compat
+from megatron_ecdit.parallel.launch import discover
 from megatron_ecdit.parallel.layout import ParallelLayout
 
 
@@ -31,21 +33,25 @@ def _free_port() -> int:
 
 
 def init_distributed() -> None:
-    """Join the torchrun world, or start a one-process world when not under a launcher."""
+    """Join the world of torchrun or srun, or start a one-process world when not under a
+    launcher. Raises LaunchError (a ConfigError) when the launcher's variables disagree with
+    each other or with the GPUs this node shows."""
     cpu_compat.apply()
     if dist.is_initialized():
         return
     # On GPUs, CUDA tensors go over NCCL and the few small CPU tensors (stop flags, counts,
     # checkpoint metadata) over gloo, from one process group.
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    if "WORLD_SIZE" not in os.environ:
+    launch = discover(os.environ)
+    if launch.launcher == "single":
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group(backend, rank=0, world_size=1)
-    else:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        return
+    launch.export(os.environ)  # torch.distributed's env:// reads torchrun's names
+    if torch.cuda.is_available():
+        torch.cuda.set_device(launch.device_index(torch.cuda.device_count()))
+    dist.init_process_group(backend)
 
 
 def local_device() -> torch.device:

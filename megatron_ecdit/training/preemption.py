@@ -1,5 +1,6 @@
 """Stopping cleanly: on SIGTERM, SIGUSR1 (SLURM's pre-timeout signal) or after a wall-clock
-duration, every rank saves at the same step boundary and the job exits 0.
+duration, every rank saves at the same step boundary and the job exits 75 ("resume me",
+pretrain_ecdit.py).
 
 A signal reaches the ranks at different moments (or only some of them), so the decision is
 taken collectively: each step, `should_stop()` all-reduces a flag (MAX) over the world.

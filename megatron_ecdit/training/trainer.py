@@ -360,9 +360,31 @@ def _open_metrics(path: Path, start_step: int):
     return file
 
 
+FINISHED = "finished"  # marker in the output folder: the run reached train.steps
+
+
+def finished_step(output_dir: str | Path) -> Optional[int]:
+    """The step recorded by the `finished` marker of a run, or None."""
+    marker = Path(output_dir) / FINISHED
+    if not marker.is_file():
+        return None
+    try:
+        return int(json.loads(marker.read_text())["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def train(cfg: Config) -> dict[str, float]:
     """Run the job described by cfg; returns a summary (first/last-100-step mean losses of the
-    steps this run took, and `stopped` if it stopped early on a signal or time limit)."""
+    steps this run took, and `stopped` if it stopped early on a signal or time limit).
+
+    A run that reaches train.steps writes OUTPUT_DIR/finished; a run started again on a folder
+    whose marker already records train.steps (e.g. a requeued job) returns at once."""
+    done = finished_step(cfg.train.output_dir)
+    if done is not None and done >= cfg.train.steps:
+        print(f"{cfg.train.output_dir} already finished at step {done}: nothing to do")
+        return {"first_loss_mean": math.nan, "last_loss_mean": math.nan, "ratio": math.nan,
+                "seconds": 0.0, "stopped": None, "already_finished": True}
     job = Job(cfg)
     out, tc = job.out, cfg.train
     start_step = job.resume()
@@ -455,8 +477,10 @@ def train(cfg: Config) -> dict[str, float]:
         if writer is not None:
             writer.close()
         if not stopped:
+            (out / FINISHED).write_text(json.dumps({"step": tc.steps}) + "\n")
             print(f"done in {summary['seconds']:.0f}s: mean loss of the first {n} steps "
                   f"{summary['first_loss_mean']:.4f}, of the last {n} "
                   f"{summary['last_loss_mean']:.4f} (ratio {summary['ratio']:.2f}); "
                   f"outputs in {out}/")
+    dist.barrier()  # leave together: a launcher may kill the others when one rank exits
     return summary
