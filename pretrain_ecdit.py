@@ -11,13 +11,9 @@ layout error, found before anything is built; 1 a bad checkpoint or bad data.
 """
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from megatron_ecdit.config import ConfigError, load_config  # noqa: E402
+from megatron_ecdit.config import ConfigError, load_config
 
 
 EXIT_RESUME = 75  # stopped early after saving: run again to resume

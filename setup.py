@@ -9,9 +9,10 @@ setup(
     packages=find_packages(include=["megatron_ecdit", "megatron_ecdit.*"]),
     python_requires=">=3.10",
     install_requires=[
-        # torch is pinned; scripts/env.sh installs it first so pip takes the local CPU wheel
-        # rather than resolving a multi-GB CUDA build on a CPU machine.
-        "torch==2.13.0",
+        # The torch megatron-core 0.16 supports: a cluster's own CUDA build (e.g. in an NGC
+        # container) satisfies it and stays. scripts/env.sh installs torch 2.13.0 first, so a
+        # CPU machine takes the local CPU wheel instead of resolving a multi-GB CUDA build.
+        "torch>=2.6.0",
         "megatron-core==0.16.1",  # newest that installs on Python 3.11
         "deepspeed==0.19.8",
         "webdataset==1.0.2",
@@ -29,4 +30,11 @@ setup(
     ],
     # apex and Transformer Engine are optional: megatron-core uses them when present.
     extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": [
+        "ecdit-convert=megatron_ecdit.tools.convert_checkpoint:main",
+        "ecdit-inspect=megatron_ecdit.tools.inspect_checkpoint:main",
+        "ecdit-preprocess=megatron_ecdit.tools.preprocess_shards:main",
+        "ecdit-count-params=megatron_ecdit.tools.count_params:main",
+        "ecdit-make-shards=megatron_ecdit.tools.make_synthetic_shards:main",
+    ]},
 )

@@ -18,6 +18,6 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
-# Nothing is downloaded at run time: every model comes from a local folder or a package.
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::UserWarning:megatron,ignore::DeprecationWarning}"
+# The offline Hugging Face switches and megatron-core's apex/TE notice are set once, in
+# megatron_ecdit/__init__.py.
+export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::DeprecationWarning}"

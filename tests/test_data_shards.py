@@ -33,8 +33,7 @@ from megatron_ecdit.data.synthetic import write_synthetic_shards
 from megatron_ecdit.encoders import TextEncoder, build_vae
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import preprocess_shards  # noqa: E402
+from megatron_ecdit.tools import preprocess_shards  # noqa: E402
 
 SIZE, PER_SHARD, MAX_LENGTH, DIM = 16, 12, 32, 384
 PIXEL_SHAPES = dict(latent_shape=(3, SIZE, SIZE), text_shape=(MAX_LENGTH, DIM))

@@ -98,8 +98,7 @@ def test_count_params_reproduces_table1():
     result = subprocess.run([sys.executable, str(ROOT / "tools/count_params.py"), "--json"],
                             capture_output=True, text=True, check=True)
     rows = json.loads(result.stdout)
-    sys.path.insert(0, str(ROOT / "tools"))
-    from count_params import TABLE1
+    from megatron_ecdit.tools.count_params import TABLE1
     assert len(rows) == sum(len(t[0]) for t in TABLE1.values()) == 14
     for row in rows:
         paper = TABLE1[row["config"]][0][row["experts"]] * 1e9

@@ -1,73 +1,8 @@
-"""List what a checkpoint holds: step, layout, and every tensor with its full shape.
+"""`python tools/inspect_checkpoint.py ...` is `ecdit-inspect ...`: see megatron_ecdit/tools/inspect_checkpoint.py."""
 
-    python tools/inspect_checkpoint.py outputs/demo/checkpoints/step_0001500 [--json]
-Works on training checkpoints (sharded) and consolidated folders; reads metadata only.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from megatron_ecdit.checkpoint.distributed import CheckpointError  # noqa: E402
-
-
-def describe(path: Path) -> dict:
-    if (path / "model.safetensors").is_file():
-        from safetensors import safe_open
-
-        info = json.loads((path / "config.json").read_text()).get("export", {})
-        with safe_open(str(path / "model.safetensors"), "pt") as f:
-            tensors = {k: [list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()]
-                       for k in f.keys()}
-        return {"format": "consolidated", "step": info.get("step"),
-                "layout": "one process", **{k: v for k, v in info.items() if k != "step"},
-                "tensors": tensors}
-    from megatron.core import dist_checkpointing
-
-    from megatron_ecdit.checkpoint import distributed
-    from megatron_ecdit.parallel.setup import init_distributed
-
-    common = distributed.read_common(path)
-    init_distributed()
-    meta = dist_checkpointing.load_tensors_metadata(str(path))
-    tensors = {k: [list(v.global_shape), str(v.dtype).replace("torch.", "")]
-               for k, v in sorted(meta.items())}
-    return {"format": "torch_dist", "step": common["step"], "layout": common["layout"],
-            "weights_only": common["weights_only"],
-            "optimizer_backend": common["optimizer_backend"], "tensors": tensors}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("path")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-    try:
-        info = describe(Path(args.path))
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(info, indent=1))
-        return 0
-    for key, value in info.items():
-        if key != "tensors":
-            print(f"{key}: {value}")
-    total = 0
-    for name, (shape, dtype) in info["tensors"].items():
-        numel = 1
-        for n in shape:
-            numel *= n
-        total += numel
-        print(f"  {name:<70} {str(tuple(shape)):<20} {dtype}")
-    print(f"{len(info['tensors'])} tensors, {total / 1e6:.2f}M values")
-    return 0
-
+from megatron_ecdit.tools.inspect_checkpoint import main
 
 if __name__ == "__main__":
     sys.exit(main())

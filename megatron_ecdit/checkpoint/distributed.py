@@ -73,6 +73,25 @@ def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
     return path if path.is_dir() else None
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint folder a user means: a `step_N` folder as it is, a checkpoints folder
+    (its `latest`), or the `latest` pointer file itself (as megatron's tools resolve the
+    latest iteration)."""
+    path = Path(path)
+    root = None
+    if path.is_file() and path.name == "latest":
+        root = path.parent
+    elif path.is_dir() and (path / "latest").is_file():
+        root = path
+    if root is None:
+        return path
+    found = latest_checkpoint(root)
+    if found is None:
+        raise CheckpointError(f"{root / 'latest'} points to "
+                              f"{(root / 'latest').read_text().strip()!r}, which is not there")
+    return found
+
+
 def _publish(root: Path, tmp: Path, final: Path, keep_last: int) -> None:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -144,7 +163,9 @@ def save(root: str | os.PathLike, step: int, parts: Parts, common: dict[str, Any
 
 
 def read_common(path: str | os.PathLike) -> dict[str, Any]:
-    """The step, config and layout a checkpoint was saved with (after `verify`)."""
+    """The step, config and layout a checkpoint was saved with (after `verify`). `path` may
+    also be a checkpoints folder or its `latest` pointer."""
+    path = resolve_checkpoint(path)
     verify(path)
     return dist_checkpointing.load_common_state_dict(str(path))["common"]
 
@@ -155,6 +176,7 @@ def load(path: str | os.PathLike, parts: Parts) -> tuple[dict[str, Any], Optiona
     same optimizer backend, in place. Returns the common state, this rank's saved per-rank
     state (None when the checkpoint is weights-only or the data-parallel size changed), and
     notes on what was not restored."""
+    path = resolve_checkpoint(path)
     common = read_common(path)
     _check_shapes(path, parts.chunks)
     notes = []
@@ -191,6 +213,7 @@ def load_weights(path: str | os.PathLike, chunks: list[torch.nn.Module],
                  which: str = "model") -> dict[str, Any]:
     """Collective: load the weights (`which="model"`) or the EMA weights (`"ema"`) of a
     checkpoint into `chunks` at this rank's layout; returns the checkpoint's common state."""
+    path = resolve_checkpoint(path)
     common = read_common(path)
     _check_shapes(path, chunks)
     model = sharded.model_state(chunks, prefix=f"{which}.")

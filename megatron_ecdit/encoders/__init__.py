@@ -6,19 +6,15 @@ pixel-space training). Both are frozen: they are never trained, never hold gradi
 never download anything. Weights are read from local folders in safetensors format only;
 pickled checkpoints (``*.bin``, ``*.pt``) are refused rather than unpickled.
 
-The offline switches are set here, before ``transformers``/``diffusers`` are first imported,
-so the Hugging Face libraries never reach for the network. Every ``from_pretrained`` call
+The offline switches are set by the package (``megatron_ecdit/__init__.py``), before
+``transformers``/``diffusers`` are first imported, so the Hugging Face libraries never reach
+for the network. Every ``from_pretrained`` call
 additionally passes ``local_files_only=True``, which holds even if another module imported
 those libraries first.
 """
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from .text import TextEncoder, default_text_encoder_path  # noqa: E402
-from .vae import Autoencoder, DiffusersVAE, IdentityVAE, build_vae  # noqa: E402
+from .text import TextEncoder, default_text_encoder_path
+from .vae import Autoencoder, DiffusersVAE, IdentityVAE, build_vae
 
 __all__ = [
     "Autoencoder",

@@ -22,8 +22,6 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Sequence
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402

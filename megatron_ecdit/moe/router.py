@@ -147,7 +147,8 @@ class ExpertChoiceRouter(_RouterBase):
             # Nucleus-Image style: a token's gates sum to gate_scale over the experts that took it.
             total = torch.zeros(S * B, dtype=gate_EN.dtype, device=gate_EN.device)
             total = total.index_add(0, token_EN.reshape(-1), gate_EN.reshape(-1))
-            gate_EN = gate_EN / total[token_EN] * self.gate_scale
+            # The epsilon guards a token whose chosen affinities all underflowed to zero.
+            gate_EN = gate_EN / total[token_EN].clamp_min(1e-9) * self.gate_scale
         return Routing(token_EN, gate_EN, probs_SBE)
 
 

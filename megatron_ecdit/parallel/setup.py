@@ -43,9 +43,8 @@ def init_distributed() -> None:
     # checkpoint metadata) over gloo, from one process group.
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     launch = discover(os.environ)
-    if launch.launcher == "single":
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if launch.launcher == "single":  # a private store on a free port (an inherited one may be taken)
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
         dist.init_process_group(backend, rank=0, world_size=1)
         return
     launch.export(os.environ)  # torch.distributed's env:// reads torchrun's names

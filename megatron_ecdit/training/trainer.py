@@ -18,6 +18,7 @@ loss averaged over data-parallel ranks.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -173,7 +174,7 @@ class Job:
         if choice == "never":
             return 0
         path = (checkpoints.latest_checkpoint(self.out / "checkpoints") if choice == "auto"
-                else Path(choice))
+                else checkpoints.resolve_checkpoint(choice))
         if path is None:
             return 0
         common, rank, notes = checkpoints.load(path, self.checkpoint_parts())
@@ -322,6 +323,18 @@ class Job:
             t: {k: v.cpu() for k, v in layer_maps.items()} for t, layer_maps in maps.items()}
 
 
+def fused_kernels_notice() -> str:
+    """One line on which of megatron-core's optional fused paths this run has."""
+    have = [name for name, module in (("apex", "apex"), ("Transformer Engine",
+                                                          "transformer_engine"))
+            if importlib.util.find_spec(module) is not None]
+    if not have:
+        return ("apex and Transformer Engine are not installed: megatron-core uses its local "
+                "implementations (torch Adam, unfused gradient-norm and scaling kernels)")
+    return (f"{' and '.join(have)} found: megatron-core uses their fused optimizer and "
+            "multi-tensor kernels")
+
+
 def routing_metrics(routing: dict[int, Any]) -> dict[str, float]:
     metrics = {}
     for block, stats in routing.items():
@@ -397,6 +410,7 @@ def train(cfg: Config) -> dict[str, float]:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(out / "tb"), purge_step=start_step + 1)
         params = sum(p.numel() for p in job.model.parameters())
+        print(fused_kernels_notice())
         print(f"EC-DiT: {params / 1e6:.2f}M parameters (this rank), {cfg.model.num_layers} "
               f"blocks, {cfg.moe.num_experts} experts on blocks "
               f"{cfg.moe.moe_layer_indices(cfg.model.num_layers)}, {cfg.model.num_patches} "

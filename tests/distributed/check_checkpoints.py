@@ -20,7 +20,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
@@ -118,7 +117,7 @@ def load(ckpt: str, ref: str, out: Path, overrides: list[str]) -> dict:
 
 
 def import_(folder: str, ref: str, out: Path, overrides: list[str]) -> dict:
-    from convert_checkpoint import import_ as run_import
+    from megatron_ecdit.tools.convert_checkpoint import import_ as run_import
 
     path = run_import(folder, str(out), overrides)
     job = Job(config(out, [*overrides, f"train.resume={path}"]))

@@ -17,11 +17,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import convert_checkpoint  # noqa: E402
 import pretrain_ecdit  # noqa: E402
+from megatron_ecdit.tools import convert_checkpoint  # noqa: E402
 
 
 def main() -> int:

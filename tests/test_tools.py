@@ -1,0 +1,99 @@
+"""The command-line tools as a user meets them: console scripts, what they accept as a
+checkpoint, and bad input that ends in one clear line and a non-zero exit (no traceback)."""
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
+
+import check_checkpoints as cc  # noqa: E402
+from megatron_ecdit.tools import convert_checkpoint, inspect_checkpoint  # noqa: E402
+from megatron_ecdit.training.trainer import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def test_torch_requirement_is_a_range_a_cluster_torch_satisfies():
+    torch_req = next(Requirement(r) for r in importlib.metadata.requires("megatron_ecdit")
+                     if Requirement(r).name == "torch")
+    spec = torch_req.specifier
+    for version in ("2.6.0", "2.9.1", "2.13.0", "2.13.0+cpu", "2.14.0"):
+        assert spec.contains(version), version
+    # an NGC container's own CUDA build (a local pre-release version)
+    assert spec.contains("2.8.0a0+5228986c39.nv25.05", prereleases=True)
+    assert not spec.contains("2.5.1")  # megatron-core 0.16 needs torch >= 2.6
+
+
+@pytest.mark.parametrize("script", ["ecdit-convert", "ecdit-inspect", "ecdit-preprocess",
+                                    "ecdit-count-params", "ecdit-make-shards"])
+def test_console_scripts_are_installed(script):
+    path = shutil.which(script, path=str(BIN))
+    assert path is not None, f"{script} is not in {BIN}"
+    result = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ctx):
+    out = tmp_path_factory.mktemp("tools") / "out"
+    train(cc.config(out, ["train.steps=2", "checkpoint.save_interval=1"]))
+    return out / "checkpoints"
+
+
+@pytest.mark.parametrize("given", ["checkpoints", "latest", "step_0000002"])
+def test_tools_accept_a_checkpoints_folder_its_latest_pointer_or_a_step(trained, tmp_path,
+                                                                       capsys, given):
+    path = {"checkpoints": trained, "latest": trained / "latest",
+            "step_0000002": trained / "step_0000002"}[given]
+    assert inspect_checkpoint.main([str(path)]) == 0
+    assert "step: 2" in capsys.readouterr().out
+    assert convert_checkpoint.main(["export", str(path), str(tmp_path / "exported")]) == 0
+    assert inspect_checkpoint.main([str(tmp_path / "exported")]) == 0
+    assert "step: 2" in capsys.readouterr().out
+
+
+def one_line_error(code: int, err: str, expected_code: int, text: str) -> None:
+    assert code == expected_code
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_inspect_a_corrupt_safetensors_file(trained, tmp_path, capsys):
+    folder = tmp_path / "exported"
+    assert convert_checkpoint.main(["export", str(trained), str(folder)]) == 0
+    capsys.readouterr()
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:100])
+    code = inspect_checkpoint.main([str(folder)])
+    one_line_error(code, capsys.readouterr().err, 2, "model.safetensors is corrupt or truncated")
+
+
+def test_inspect_a_folder_without_config_json(tmp_path, capsys):
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 16)
+    code = inspect_checkpoint.main([str(tmp_path)])
+    one_line_error(code, capsys.readouterr().err, 2, "config.json is missing")
+
+
+def test_inspect_a_latest_pointer_to_nothing(tmp_path, capsys):
+    (tmp_path / "latest").write_text("step_0000009")
+    code = inspect_checkpoint.main([str(tmp_path)])
+    one_line_error(code, capsys.readouterr().err, 2, "which is not there")
+
+
+def test_a_layout_error_found_at_start_is_one_line_not_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_ecdit.py"), "--config",
+         str(ROOT / "examples/configs/demo.yaml"), "moe.num_experts=7", "parallel.ep=2",
+         f"train.output_dir={tmp_path}"], capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    one_line_error(result.returncode, result.stderr, 2, "config error: world size 1 is not "
+                   "divisible by parallel.etp x parallel.ep x parallel.pp = 1 x 2 x 1")
