@@ -94,6 +94,7 @@ def resume(out: Path, overrides: list[str]) -> dict:
         shutil.copytree(root / "step_0000004", out.parent / "step_0000004-uninterrupted")
         shutil.rmtree(root / "step_0000004")
         (root / "latest").write_text("step_0000002")
+        (out / "finished").unlink()
     dist.barrier()
     job_summary = train(config(out, [*overrides, "train.resume=auto"]))
     job = Job(config(out, [*overrides, "train.resume=auto"]))
