@@ -39,7 +39,7 @@ from megatron_ecdit.encoders import TextEncoder  # noqa: E402
 from megatron_ecdit.models.ecdit import ECDiT  # noqa: E402
 from megatron_ecdit.parallel.layout import ParallelLayout  # noqa: E402
 from megatron_ecdit.parallel.setup import initialize_parallel  # noqa: E402
-from megatron_ecdit.training.optim import TorchOptimizer  # noqa: E402
+from megatron_ecdit.parallel.backends.one_process import TorchOptimizer  # noqa: E402
 
 BATCH = 16
 

@@ -1,5 +1,7 @@
 """The parallel layout's validation and the CPU compatibility layer (single process)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -55,3 +57,18 @@ def test_cpu_compat_redirects_only_megatron(ctx):
     assert namespace["name"](torch.zeros(1)) == "torch.cuda.FloatTensor"
     assert clip_grads.torch is not torch  # patched module
     assert torch.zeros(1).type(torch.float64).dtype == torch.float64
+
+
+def test_imports_point_one_way_and_the_loop_names_no_backend():
+    """models and moe import neither parallel nor training; parallel does not import
+    training; the training loop sees only the backend interface."""
+    package = Path(__file__).resolve().parents[1] / "megatron_ecdit"
+    for folder, forbidden in (("models", ("megatron_ecdit.parallel", "megatron_ecdit.training")),
+                              ("moe", ("megatron_ecdit.parallel", "megatron_ecdit.training")),
+                              ("parallel", ("megatron_ecdit.training",))):
+        for source in (package / folder).rglob("*.py"):
+            imports = [line.split()[1] for line in source.read_text().splitlines()
+                       if line.lstrip().startswith(("from megatron_ecdit", "import megatron_ecdit"))]
+            assert not [m for m in imports if m.startswith(forbidden)], source
+    trainer = (package / "training" / "trainer.py").read_text()
+    assert not [n for n in ("TorchOptimizer", "MegatronZeRO", "DeepSpeedZeRO") if n in trainer]

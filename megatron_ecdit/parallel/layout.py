@@ -2,7 +2,8 @@
 
 `ParallelLayout.build(cfg, world_size)` turns the `parallel` section of a config into degrees
 (TP, SP, PP, VPP, EP, expert-TP, DP, expert-DP) and the ZeRO backend, and refuses impossible
-combinations before any process group or model exists, naming the constraint. The rank grid
+combinations before any process group or model exists, naming the constraint. It is the one
+place that refuses: the backends (parallel/backends/) build whatever layout passes here. The rank grid
 follows megatron-core's order (tp-cp-ep-dp-pp for experts, tp-cp-dp-pp for the rest).
 """
 
@@ -105,7 +106,17 @@ class ParallelLayout:
             if cfg.train.num_microbatches > 1:
                 raise ConfigError("parallel.zero=deepspeed does not support "
                                   "train.num_microbatches > 1 yet")
+            if p.zero_stage == 3:
+                raise ConfigError("the training job does not run DeepSpeed ZeRO-3 yet: its "
+                                  "EMA, checkpoints and sampling read whole parameters, which "
+                                  "ZeRO-3 partitions; use parallel.zero_stage=1 or 2")
         elif p.zero_stage not in (0, 1):
             raise ConfigError(f"parallel.zero=megatron supports zero_stage 0 (DDP) or 1 "
                               f"(distributed optimizer), got {p.zero_stage}")
+        if p.pp > 1 and moe.router == "token_choice":
+            raise ConfigError("moe.router=token_choice (auxiliary loss) is not supported with "
+                              "parallel.pp > 1")
+        if world_size > 1 and cfg.optim.name != "adamw":
+            raise ConfigError(f"optim.name={cfg.optim.name} runs in one process only; the "
+                              f"data-parallel backends (parallel.zero) use adamw")
         return cls(world_size, p.tp, p.sp, p.pp, p.vpp, p.ep, etp, p.zero, p.zero_stage)

@@ -9,9 +9,9 @@
   compute_map.png  experts per token, per MoE block and timestep, over generated images
 
 The loop knows nothing about the model's internals beyond its output dataclass; the frozen
-encoders are used behind their interfaces; the optimizer is one of two backends with the same
-calls (one process: TorchOptimizer; several: megatron-core DDP + distributed optimizer, or
-DeepSpeed ZeRO).
+encoders are used behind their interfaces; the optimizer is an `OptimizerBackend`
+(parallel/backends/: one process, megatron-core DDP + distributed optimizer, or DeepSpeed ZeRO)
+chosen by `build_backend` from the layout.
 Under torchrun every rank trains its data-parallel share; rank 0 writes the outputs, with the
 loss averaged over data-parallel ranks.
 """
@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from megatron_ecdit.checkpoint import distributed as checkpoints
-from megatron_ecdit.config import Config, ConfigError
+from megatron_ecdit.config import Config
 from megatron_ecdit.data.bad_input import describe_counts
 from megatron_ecdit.data.shards import BatchStream
 from megatron_ecdit.data.synthetic import write_missing_synthetic_shards
@@ -44,13 +44,13 @@ from megatron_ecdit.encoders.text import TextEncoder
 from megatron_ecdit.encoders.vae import Autoencoder, build_vae
 from megatron_ecdit.models.ecdit import ECDiT, stage_layers
 from megatron_ecdit.models.embedders import patchify
+from megatron_ecdit.parallel.backends import OptimizerBackend, build_backend
 from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.parallel.setup import (data_parallel_rank_and_size, initialize_parallel,
                                            local_device, world_size)
 from megatron_ecdit.parallel.pipeline import PipelineRunner
 from megatron_ecdit.parallel.sharding import check_replicas, initialize, load_full_state
-from megatron_ecdit.parallel.zero import DeepSpeedZeRO, MegatronZeRO
-from megatron_ecdit.training.optim import EMA, TorchOptimizer, learning_rate
+from megatron_ecdit.training.optim import EMA, learning_rate
 from megatron_ecdit.training.preemption import StopRequest
 from megatron_ecdit.training.visualize import save_compute_map, save_sample_grid
 
@@ -61,15 +61,7 @@ class Job:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
-        self.layout = ParallelLayout.build(cfg, world_size())
-        if self.layout.zero == "deepspeed" and self.layout.zero_stage == 3:
-            raise ConfigError("the training job does not run DeepSpeed ZeRO-3 yet: its EMA, "
-                              "checkpoints and sampling read whole parameters, which ZeRO-3 "
-                              "partitions (the backend itself is tested against one process); "
-                              "use parallel.zero_stage=1 or 2")
-        if self.layout.pp > 1 and cfg.moe.router == "token_choice":
-            raise ConfigError("moe.router=token_choice (auxiliary loss) is not supported with "
-                              "parallel.pp > 1")
+        self.layout = ParallelLayout.build(cfg, world_size())  # refuses what cannot run
         self.ctx = ctx = initialize_parallel(self.layout)
         self.is_writer = dist.get_rank() == 0
         self.device = local_device()
@@ -96,18 +88,9 @@ class Job:
             initialize(chunk, cfg.train.seed, ctx)
         check_replicas(self.chunks, ctx)
         self.model.to(self.device)
+        self.backend: OptimizerBackend = build_backend(self.layout, self.chunks, cfg, ctx)
         if self.layout.pp > 1:
-            chunks = list(self.model)
-            self.backend = MegatronZeRO(chunks, cfg.model, cfg.moe, cfg.optim, ctx, self.layout)
             self.pipeline = PipelineRunner(self.backend.modules, cfg.model.num_patches)
-        elif dist.get_world_size() == 1:
-            self.backend = TorchOptimizer(self.model, cfg.optim)
-        elif self.layout.zero == "deepspeed":
-            self.backend = DeepSpeedZeRO(self.model, cfg.optim, self.layout,
-                                         cfg.train.micro_batch_size)
-        else:
-            self.backend = MegatronZeRO(self.model, cfg.model, cfg.moe, cfg.optim, ctx,
-                                        self.layout)
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.uncond = self.text_encoder.encode([""])  # for caption dropout and guidance
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)

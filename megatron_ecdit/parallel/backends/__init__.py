@@ -1,0 +1,59 @@
+"""Optimizer backends: one interface, three implementations, one place that chooses.
+
+  one_process.TorchOptimizer   one process: a torch optimizer with gradient clipping
+  megatron_ddp.MegatronZeRO    megatron-core DDP + distributed optimizer (ZeRO-1), any TP/PP/EP
+  deepspeed_zero.DeepSpeedZeRO DeepSpeed ZeRO-1/2/3 with megatron-core's groups
+
+`build_backend` picks one from the validated layout; every combination a backend cannot run is
+refused earlier, by `ParallelLayout.build`, so nothing here refuses anything. The training loop
+and the checkpoints see only `OptimizerBackend`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from megatron_ecdit.config import Config
+from megatron_ecdit.models.tensor_parallel import ParallelContext
+from megatron_ecdit.parallel.layout import ParallelLayout
+
+
+class OptimizerBackend(Protocol):
+    """What the training loop and checkpoints call; the backend owns gradient reduction over
+    its groups, clipping, and whatever copies of the weights it keeps."""
+
+    checkpoint_format: str  # its optimizer-state layout; loadable by the same format anywhere
+    module: nn.Module  # what the loop calls forward on (a wrapper, or the model itself)
+    modules: list[nn.Module]  # every wrapped model chunk (virtual pipelining has several)
+
+    def zero_grad(self) -> None: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self, lr: float) -> float:
+        """Reduce, clip and update at learning rate `lr`; returns the global gradient norm."""
+
+    def reload_model_params(self) -> None:
+        """The parameters were overwritten (a load): refresh every copy of them the backend
+        keeps (fp32 partitions, main parameters), so that the next step starts from them."""
+
+    def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
+        """Its optimizer state as dist_checkpointing tensors, described in model space."""
+
+    def load_state_dict(self, state: dict, step: int) -> None: ...
+
+
+def build_backend(layout: ParallelLayout, chunks: list[nn.Module], cfg: Config,
+                  ctx: ParallelContext) -> OptimizerBackend:
+    """The backend `layout` asks for, over this rank's model chunks."""
+    if layout.world_size == 1:
+        from megatron_ecdit.parallel.backends.one_process import TorchOptimizer
+        return TorchOptimizer(chunks[0], cfg.optim)
+    if layout.zero == "deepspeed":
+        from megatron_ecdit.parallel.backends.deepspeed_zero import DeepSpeedZeRO
+        return DeepSpeedZeRO(chunks[0], cfg.optim, layout, cfg.train.micro_batch_size)
+    from megatron_ecdit.parallel.backends.megatron_ddp import MegatronZeRO
+    return MegatronZeRO(chunks, cfg.model, cfg.moe, cfg.optim, ctx, layout)

@@ -1,0 +1,202 @@
+"""Data parallelism through DeepSpeed ZeRO stages 1-3, with megatron-core's groups.
+
+`DeepSpeedZeRO` hands DeepSpeed's engine a torch AdamW (no fused-Adam build), megatron's
+tensor-parallel group as its `mpu`, and with expert parallelism (ZeRO-1/2) the expert weights as
+DeepSpeed MoE parameter groups, partitioned and reduced over megatron-core's expert-DP group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+from megatron.core import parallel_state
+from torch import nn
+
+from megatron_ecdit.config import OptimConfig
+from megatron_ecdit.models.ecdit import ECDiTBlock
+from megatron_ecdit.parallel.backends.one_process import initialise_state
+from megatron_ecdit.parallel.layout import ParallelLayout
+
+
+class _MegatronMpu:
+    """megatron-core's parallel_state under the names DeepSpeed asks an `mpu` for: its "model
+    parallel" group is our tensor-parallel group (pipelining is not combined with DeepSpeed)."""
+
+    def __getattr__(self, name: str):
+        return getattr(parallel_state, name)
+
+    def get_model_parallel_world_size(self) -> int:
+        return parallel_state.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_rank(self) -> int:
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_group(self):
+        return parallel_state.get_tensor_model_parallel_group()
+
+
+def _deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict,
+                      expert_group: str | None):
+    """`deepspeed.initialize` for a non-pipeline model, with one difference: when
+    `expert_group` names expert-parallel parameters, the engine is told the model has MoE
+    layers. DeepSpeed recognises only its own MoE modules; the flag makes its ZeRO optimizer
+    partition and reduce each expert parameter group over that group's expert-DP group."""
+    import deepspeed
+    from deepspeed import comm
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if expert_group is None:
+        return deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                    mpu=_MegatronMpu(), dist_init_required=False)[0]
+
+    class ExpertParallelEngine(DeepSpeedEngine):
+        def _configure_distributed_model(self, module):
+            super()._configure_distributed_model(module)
+            self.has_moe_layers = True
+
+    comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                          dist_init_required=False)
+    mpu = _MegatronMpu()
+    return ExpertParallelEngine(args=None, model=model, optimizer=optimizer, mpu=mpu,
+                                dist_init_required=False, config=config,
+                                config_class=DeepSpeedConfig(config, mpu))
+
+
+def _register_expert_groups(name: str) -> None:
+    """Hand megatron-core's expert-parallel and expert-DP groups to DeepSpeed under `name`, so
+    both libraries use the groups the EC layer's all-to-all runs over. DeepSpeed keeps them in
+    module dictionaries of `deepspeed.utils.groups` (its MoE layer fills them the same way)."""
+    from deepspeed.utils import groups
+
+    for kind, group in (("PARALLEL", parallel_state.get_expert_model_parallel_group()),
+                        ("DATA_PARALLEL", parallel_state.get_expert_data_parallel_group())):
+        groups_of = getattr(groups, f"_EXPERT_{kind}_GROUP")
+        ranks_of = getattr(groups, f"_EXPERT_{kind}_GROUP_RANKS")
+        groups_of[name] = group
+        ranks_of[name] = torch.distributed.get_process_group_ranks(group)
+
+
+class DeepSpeedZeRO:
+    """DeepSpeed ZeRO stage 1, 2 or 3 over the data-parallel group, with a torch AdamW as the
+    client optimizer (no fused-Adam build) and DeepSpeed's gradient clipping. With expert
+    parallelism (ZeRO-1/2), the expert weights form DeepSpeed MoE parameter groups that are
+    partitioned and reduced over megatron-core's expert-DP group."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, layout: ParallelLayout,
+                 micro_batch_size: int):
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        # DeepSpeed reads `allreduce = False` as "an expert parameter of group `group_name`".
+        # Without expert parallelism our experts are ordinary data-parallel parameters.
+        expert_group = f"ep_size_{layout.ep}" if layout.ep > 1 else None
+        for p in model.parameters():
+            if getattr(p, "allreduce", True) is False:
+                if expert_group is None:
+                    p.allreduce = True
+                else:
+                    p.group_name = expert_group
+        if expert_group is not None:
+            _register_expert_groups(expert_group)
+        if layout.zero_stage == 3:
+            # ZeRO-3 gathers a module's partitioned parameters for backward from hooks on the
+            # tensors the module returns. The FFN and router return dataclasses, which those
+            # hooks do not see, so each block also claims every parameter inside it: they are
+            # gathered when the gradient reaches the block's output.
+            from deepspeed.runtime.zero import register_external_parameter
+
+            for block in model.modules():
+                if isinstance(block, ECDiTBlock):
+                    for p in block.parameters():
+                        register_external_parameter(block, p)
+        param_groups = [{"name": "dense", "params": list(model.parameters())}]
+        if expert_group is not None:
+            param_groups = split_params_into_different_moe_groups_for_optimizer(param_groups)
+        optimizer = torch.optim.AdamW(param_groups, lr=optim.lr,
+                                      betas=tuple(optim.betas), eps=optim.eps,
+                                      weight_decay=optim.weight_decay)
+        config = {"train_micro_batch_size_per_gpu": micro_batch_size,
+                  "gradient_accumulation_steps": 1,
+                  "gradient_clipping": optim.grad_clip,
+                  "zero_optimization": {"stage": layout.zero_stage},
+                  "steps_per_print": 2**31 - 1}
+        self.engine = _deepspeed_engine(model, optimizer, config, expert_group)
+        self.module = self.engine
+        self.modules = [self.engine]
+
+    def zero_grad(self) -> None:
+        pass  # the engine clears gradients in step()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def reload_model_params(self) -> None:
+        """After the parameters were overwritten (a load): DeepSpeed steps its own fp32
+        partitions and copies them back into the parameters, so each rank's partition is set
+        from the loaded values (under ZeRO-3 from the gathered parameter)."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for param in self.engine.module.parameters():
+            with self._gathered([param]):
+                safe_set_full_fp32_param(param, param.detach().float())
+
+    def _gathered(self, params: list):
+        if self.engine.zero_optimization_stage() == 3:
+            import deepspeed
+            return deepspeed.zero.GatheredParameters(params)
+        return contextlib.nullcontext()
+
+    def step(self, lr: float) -> float:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    _STATE = ("fp32_param", "exp_avg", "exp_avg_sq")
+    checkpoint_format = "deepspeed-zero"  # stages 1 and 2 alike: full tensors per parameter
+
+    def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
+        """The fp32 master weights and Adam moments of every parameter, gathered over the
+        data-parallel group by DeepSpeed's own accessors and described in model space like
+        the parameter (collective). Both backends thus write the same optimizer tensors."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        zero = self.engine.optimizer
+        initialise_state(zero.optimizer)  # DeepSpeed creates Adam's state at the first step
+        # DeepSpeed links each parameter to its Adam state once, right after stepping the
+        # first parameter group, so later groups (the expert groups) link to an empty state;
+        # link again now that every group has its state.
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+        state = {}
+        for entry, sh in model_state.items():
+            for key in self._STATE:
+                if is_loading:
+                    value = torch.empty_like(sh.data, dtype=torch.float32)
+                elif key == "fp32_param":
+                    value = safe_get_full_fp32_param(sh.data)
+                else:
+                    value = safe_get_full_optimizer_state(sh.data, key)
+                state[f"{key}/{entry}"] = dataclasses.replace(
+                    sh, key=f"optimizer.state.{key}.{sh.key}", data=value, dtype=value.dtype)
+        self._params = {entry: sh.data for entry, sh in model_state.items()}
+        return state
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        for name, value in state.items():
+            key, entry = name.split("/", 1)
+            param = self._params[entry]
+            if key == "fp32_param":
+                safe_set_full_fp32_param(param, value)
+            else:
+                safe_set_full_optimizer_state(param, value, key)
+        for param_state in self.engine.optimizer.optimizer.state.values():
+            if "step" in param_state:
+                param_state["step"] = torch.full_like(torch.as_tensor(param_state["step"]),
+                                                      float(step))

@@ -1,0 +1,163 @@
+"""Data parallelism through megatron-core: DDP + the distributed optimizer (ZeRO-1).
+
+`MegatronZeRO` wraps each model chunk (one, or several under virtual pipelining) in
+megatron-core's DistributedDataParallel (contiguous grad buffers; dense grads reduced over DP,
+expert grads over expert-DP, sequence-parallel norm grads over TP by `finalize_model_grads`)
+and builds megatron-core's optimizer: the distributed optimizer (ZeRO-1: fp32 master weights and
+Adam state sharded over DP) for zero_stage 1, or the replicated one for zero_stage 0. Gradients
+of the conditioning embedders replicated on every pipeline stage (tagged `pipeline_parallel`)
+are summed over the pipeline group before the data-parallel reduction, so every replica takes
+the same step.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                       finalize_model_grads)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer import TransformerConfig
+from torch import nn
+
+from megatron_ecdit.config import ModelConfig, MoEConfig, OptimConfig
+from megatron_ecdit.models.tensor_parallel import ParallelContext
+from megatron_ecdit.parallel.backends.one_process import initialise_state
+from megatron_ecdit.parallel.layout import ParallelLayout
+
+
+def transformer_config(model: ModelConfig, moe: MoEConfig, ctx: ParallelContext,
+                       layout: ParallelLayout) -> TransformerConfig:
+    """The megatron-core config its DDP and optimizer read (dims and parallel degrees)."""
+    return TransformerConfig(
+        num_layers=model.num_layers, hidden_size=model.hidden_size,
+        num_attention_heads=model.num_heads, num_query_groups=model.num_kv_heads,
+        tensor_model_parallel_size=layout.tp, sequence_parallel=layout.sp,
+        pipeline_model_parallel_size=layout.pp, expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp, num_moe_experts=moe.num_experts or None,
+        use_cpu_initialization=ctx.mp_config.use_cpu_initialization,
+        gradient_accumulation_fusion=False, bias_activation_fusion=False,
+        masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, add_bias_linear=False, pipeline_dtype=torch.float32,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        batch_p2p_comm=False)  # batched p2p over gloo gives wrong gradients (measured)
+
+
+class MegatronZeRO:
+    def __init__(self, model: nn.Module | list[nn.Module], model_cfg: ModelConfig,
+                 moe: MoEConfig, optim: OptimConfig, ctx: ParallelContext,
+                 layout: ParallelLayout):
+        self.checkpoint_format = f"megatron-zero{layout.zero_stage}"
+        self.config = transformer_config(model_cfg, moe, ctx, layout)
+        # `pipeline_parallel` grads are summed over the pipeline by _sum_replicated_embedder_grads,
+        # not by finalize_model_grads (which would sum after the data-parallel reduce-scatter).
+        self.config.has_cond_embedder = False
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=layout.zero_stage >= 1,
+            overlap_grad_reduce=False, overlap_param_gather=False)
+        chunks = model if isinstance(model, list) else [model]
+        self.modules = [DistributedDataParallel(self.config, ddp_config, chunk)
+                        for chunk in chunks]
+        self.module = self.modules[0]
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr,
+                            weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
+                            adam_beta2=optim.betas[1], adam_eps=optim.eps,
+                            clip_grad=optim.grad_clip, bf16=False, params_dtype=torch.float32,
+                            use_distributed_optimizer=layout.zero_stage >= 1),
+            self.modules)
+
+    def zero_grad(self) -> None:
+        for module in self.modules:
+            module.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _sum_replicated_embedder_grads(self) -> None:
+        """Sum the gradients of the conditioning embedders replicated on every pipeline stage
+        (and virtual chunk) over the pipeline, before the data-parallel reduction. megatron-core
+        sums them after it (`has_cond_embedder`), but with the distributed optimizer that
+        reduction is a reduce-scatter whose element ownership depends on the other parameters
+        of a stage's buffer: stages own different elements of the same embedder, and the sum
+        mixed reduced with unreduced elements (measured: 50% off at TP2xPP2xDP2)."""
+        group = parallel_state.get_pipeline_model_parallel_group()
+        if group.size() == 1:
+            return
+        replicas: dict[str, list[torch.Tensor]] = {}
+        for module in self.modules:
+            for name, param in module.module.named_parameters():
+                if getattr(param, "pipeline_parallel", False) and param.requires_grad:
+                    replicas.setdefault(name, []).append(param.main_grad)
+        if not replicas:
+            return
+        sums = [torch.stack(grads).sum(0) for grads in replicas.values()]
+        flat = torch.cat([s.reshape(-1) for s in sums])
+        torch.distributed.all_reduce(flat, group=group)
+        offset = 0
+        for grads, total in zip(replicas.values(), sums):
+            for grad in grads:
+                grad.copy_(flat[offset:offset + total.numel()].view_as(grad))
+            offset += total.numel()
+
+    def reload_model_params(self) -> None:
+        """After the parameters were overwritten (a load): megatron-core copies them into its
+        main parameters where it keeps separate ones (bf16 training); in fp32 the distributed
+        optimizer's shards are views of the parameters already."""
+        self.optimizer.reload_model_params()
+
+    def step(self, lr: float) -> float:
+        """Reduce grads across the groups, clip, and update; returns the global grad norm."""
+        self._sum_replicated_embedder_grads()
+        finalize_model_grads(self.modules)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        _, grad_norm, _ = self.optimizer.step()
+        return float(grad_norm)
+
+    def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
+        """megatron-core's own, per distributed optimizer (dense, and experts), in its
+        'fully_reshardable' form: the fp32 master weights and Adam moments gathered over DP and
+        described like the parameters (model space), so any layout can load them.
+
+        Two repairs for megatron-core 0.16 without Apex or Transformer Engine: its state_dict
+        reads the Adam step from torch's per-parameter state, so a fresh optimizer gets its
+        state created first; and an optimizer without parameters on this rank (the experts' on
+        a pipeline stage without MoE blocks) cannot describe itself, so it is left out."""
+        state = {}
+        for index, optimizer in enumerate(self._optimizers()):
+            if not any(group["params"] for group in optimizer.optimizer.param_groups):
+                continue
+            initialise_state(optimizer.optimizer)  # before the first step there is none yet
+            state[index] = optimizer.sharded_state_dict(
+                model_state, is_loading=is_loading,
+                metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        return state
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        """megatron-core's load, repaired: its fully-reshardable reader skips torch Adam's
+        per-parameter `step` but then expects it among the tensors to fill (KeyError). So each
+        distributed optimizer loads its groups first (rank 0's, or its own where rank 0 had
+        none), then its parameter state with `step` set aside; `step` is restored from the
+        checkpoint's step as one tensor per parameter (megatron-core would hand every
+        parameter the same tensor, which torch's Adam then advances once per parameter)."""
+        for index, optimizer in enumerate(self._optimizers()):
+            if index not in state:
+                continue
+            own = dict(state[index])
+            param_state = own.pop("param_state", None)  # absent for zero_stage 0
+            own.pop("param_state_sharding_type", None)
+            for key, value in optimizer.state_dict().items():  # groups rank 0 could not save
+                own.setdefault(key, value)
+            optimizer.load_state_dict(own)
+            if param_state is not None:
+                for param_state_ in optimizer.optimizer.state.values():
+                    param_state_.pop("step", None)
+                optimizer.load_parameter_state_from_fully_reshardable(param_state)
+            for param_state_ in optimizer.optimizer.state.values():
+                param_state_["step"] = torch.tensor(float(step))
+
+    def _optimizers(self) -> list:
+        """megatron-core's optimizers: one per parameter kind (dense, experts)."""
+        return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
