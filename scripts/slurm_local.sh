@@ -34,7 +34,8 @@ running() { [ -f "$DIR/$1.pid" ] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null; 
 write_conf() {
   local node cpus mem
   node="$(hostname -s)"
-  cpus="$(nproc)"
+  # What slurmd sees (nproc would follow OMP_NUM_THREADS, which tests set to 1).
+  cpus="$(slurmd -C | sed -n 's/.*CPUs=\([0-9]*\).*/\1/p')"
   mem="$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')"
   mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
   cat > "$CONF" <<EOF

@@ -67,12 +67,17 @@ def job_info(env: dict, job: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
 
+NEVER_STARTS = {"PartitionConfig", "BadConstraints", "ReqNodeNotAvail", "PartitionNodeLimit"}
+
+
 def wait(env: dict, job: str, until, timeout: float = 300) -> dict[str, str]:
     deadline = time.time() + timeout
     while time.time() < deadline:
         info = job_info(env, job)
         if until(info):
             return info
+        if info.get("JobState") == "PENDING" and info.get("Reason") in NEVER_STARTS:
+            raise AssertionError(f"job {job} can never start on this cluster: {info}")
         time.sleep(0.5)
     raise AssertionError(f"job {job} did not get there in {timeout} s: {job_info(env, job)}")
 
