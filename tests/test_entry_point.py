@@ -4,9 +4,11 @@ loaded first), and loaded weights that survive a step on every backend.
 One launch per world size runs every job of that size (tests/distributed/run_entry_point.py):
   - each layout trains 6 steps from the same config and seed, saving its initial weights;
     the exported step-0 weights are bit-identical to one process at every layout, and the
-    losses equal their reference to 1e-5: DP = 1 layouts against one process, expert-parallel
-    layouts against plain data parallelism at the same DP size (each DP rank reads its own
-    slice of the stream and draws its own noise, so DP sizes differ in their samples);
+    losses and the gradient norms each backend clips with equal their reference to 1e-5:
+    DP = 1 layouts (DeepSpeed with gradient accumulation included) against one process,
+    expert-parallel layouts against plain data parallelism at the same DP size (each DP rank
+    reads its own slice of the stream and draws its own noise, so DP sizes differ in their
+    samples);
   - a consolidated export of the one-process run is imported and fine-tuned for 3 steps in one
     process, at megatron TP2 and at DeepSpeed ZeRO-2 (TP2): equal to 1e-5;
   - one step at lr 1e-12 after an import (every backend) or a resume across backends leaves
@@ -44,6 +46,8 @@ LAYOUTS = {  # name: (processes, overrides, reference)
     "PP2xVPP2": (2, ["parallel.pp=2", "parallel.vpp=2", "train.num_microbatches=2"], "one-mb2"),
     "TP2xPP2": (4, ["parallel.tp=2", "parallel.pp=2"], "one"),
     "DeepSpeed-ZeRO2-TP2": (2, ["parallel.tp=2", *DS2], "one"),
+    "DeepSpeed-ZeRO2-TP2-mb2": (2, ["parallel.tp=2", "train.num_microbatches=2", *DS2],
+                                "one-mb2"),
     "EP2": (2, ["parallel.ep=2"], "DP2"),
     "EP4": (4, ["parallel.ep=4"], "DP4"),
     "TP2xEP2": (4, ["parallel.tp=2", "parallel.ep=2"], "DP2"),
@@ -130,8 +134,8 @@ def runs(tmp_path_factory):
     return out
 
 
-def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open())}
+def losses(out: Path, key: str = "loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in map(json.loads, (out / "metrics.jsonl").open())}
 
 
 def weights(checkpoint: Path, tmp: Path) -> dict[str, np.ndarray]:
@@ -157,11 +161,14 @@ def test_initial_weights_are_bit_identical_to_one_process(runs, tmp_path, name):
 
 @pytest.mark.parametrize("name", [n for n, (_, _, ref) in LAYOUTS.items() if ref])
 def test_losses_equal_the_reference(runs, name):
-    mine = losses(runs["layout"][name])
-    ref = losses(runs["layout"][LAYOUTS[name][2]])
+    ref_run = runs["layout"][LAYOUTS[name][2]]
+    mine, ref = losses(runs["layout"][name]), losses(ref_run)
     assert sorted(mine) == sorted(ref) == list(range(1, STEPS + 1))
     errors = [abs(mine[s] - ref[s]) / ref[s] for s in ref]
     assert max(errors) <= TOL, (errors, mine, ref)
+    # the gradient norm each backend clips with (Adam alone would hide a gradient scale error)
+    mine, ref = losses(runs["layout"][name], "grad_norm"), losses(ref_run, "grad_norm")
+    assert max(abs(mine[s] - ref[s]) / ref[s] for s in ref) <= TOL, (mine, ref)
     # the block weights matter: the losses move well beyond the tolerance over the run
     assert abs(ref[STEPS] - ref[1]) / ref[1] > 1e-2
     assert (runs["layout"][name] / "samples.png").is_file()

@@ -103,9 +103,6 @@ class ParallelLayout:
                 raise ConfigError("parallel.zero=deepspeed with parallel.ep > 1 supports "
                                   "zero_stage 1 or 2 (DeepSpeed ZeRO-3 partitions only "
                                   "DeepSpeed-MoE experts over expert-DP)")
-            if cfg.train.num_microbatches > 1:
-                raise ConfigError("parallel.zero=deepspeed does not support "
-                                  "train.num_microbatches > 1 yet")
             if p.zero_stage == 3:
                 raise ConfigError("the training job does not run DeepSpeed ZeRO-3 yet: its "
                                   "EMA, checkpoints and sampling read whole parameters, which "

@@ -54,6 +54,7 @@ def build_backend(layout: ParallelLayout, chunks: list[nn.Module], cfg: Config,
         return TorchOptimizer(chunks[0], cfg.optim)
     if layout.zero == "deepspeed":
         from megatron_ecdit.parallel.backends.deepspeed_zero import DeepSpeedZeRO
-        return DeepSpeedZeRO(chunks[0], cfg.optim, layout, cfg.train.micro_batch_size)
+        return DeepSpeedZeRO(chunks[0], cfg.optim, layout, cfg.train.micro_batch_size,
+                             cfg.train.num_microbatches)
     from megatron_ecdit.parallel.backends.megatron_ddp import MegatronZeRO
     return MegatronZeRO(chunks, cfg.model, cfg.moe, cfg.optim, ctx, layout)

@@ -87,7 +87,7 @@ class DeepSpeedZeRO:
     partitioned and reduced over megatron-core's expert-DP group."""
 
     def __init__(self, model: nn.Module, optim: OptimConfig, layout: ParallelLayout,
-                 micro_batch_size: int):
+                 micro_batch_size: int, num_microbatches: int = 1):
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         # DeepSpeed reads `allreduce = False` as "an expert parameter of group `group_name`".
@@ -119,19 +119,27 @@ class DeepSpeedZeRO:
                                       betas=tuple(optim.betas), eps=optim.eps,
                                       weight_decay=optim.weight_decay)
         config = {"train_micro_batch_size_per_gpu": micro_batch_size,
-                  "gradient_accumulation_steps": 1,
+                  "gradient_accumulation_steps": num_microbatches,
                   "gradient_clipping": optim.grad_clip,
                   "zero_optimization": {"stage": layout.zero_stage},
                   "steps_per_print": 2**31 - 1}
         self.engine = _deepspeed_engine(model, optimizer, config, expert_group)
         self.module = self.engine
         self.modules = [self.engine]
+        self.num_microbatches = num_microbatches
+        self._backwards = 0  # micro-batches since the last step
 
     def zero_grad(self) -> None:
         pass  # the engine clears gradients in step()
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        """One micro-batch's backward. The loop has already divided the loss by the number of
+        micro-batches, so DeepSpeed must not divide again (scale_wrt_gas=False); the last
+        micro-batch of a step is the accumulation boundary, where ZeRO reduces the gradients."""
+        self._backwards += 1
+        self.engine.set_gradient_accumulation_boundary(
+            self._backwards == self.num_microbatches)
+        self.engine.backward(loss, scale_wrt_gas=False)
 
     def reload_model_params(self) -> None:
         """After the parameters were overwritten (a load): DeepSpeed steps its own fp32
@@ -150,9 +158,13 @@ class DeepSpeedZeRO:
         return contextlib.nullcontext()
 
     def step(self, lr: float) -> float:
+        if self._backwards != self.num_microbatches:
+            raise RuntimeError(f"DeepSpeed step after {self._backwards} of "
+                               f"{self.num_microbatches} micro-batches")
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
+        self._backwards = 0
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
