@@ -2,12 +2,10 @@
 
 Every tensor is described in *model space*: its key is the parameter's name in the
 single-process model (blocks keep their global index at any pipeline layout), its global shape
-is the full tensor's, and this rank's piece is placed by the attributes the layers carry:
-  tensor_model_parallel / partition_dim   megatron-core TP layers: one axis split over TP
-  expert_dims = (ep_dim, etp_dim, halves)  grouped experts: experts split over EP, hidden over
-                                           expert TP
-  pipeline_parallel                        conditioning embedders replicated on every stage
-Everything else is replicated. `replica_id` is megatron's (PP, TP, DP) triple; the copy with
+is the full tensor's, and this rank's piece is placed by the splits the parameter's tags
+declare (`models/param_tags.splits_of`: TP layers split one axis over TP; grouped experts split
+experts over EP and their hidden size over expert TP); `pipeline_parallel` embedders are
+replicated on every stage. Everything else is replicated. `replica_id` is megatron's (PP, TP, DP) triple; the copy with
 (0, 0, 0) is the one written. Because the format knows only the full tensors, a checkpoint
 saved at one layout loads at any other (resharding), and optimizer moments described the same
 way follow the parameters.
@@ -22,9 +20,14 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing import ShardedTensor
 from torch import nn
 
+from megatron_ecdit.models.param_tags import is_expert, splits_of
 
-def is_expert(param: torch.Tensor) -> bool:
-    return getattr(param, "expert_dims", None) is not None
+
+_RANK_AND_SIZE = {  # megatron-core's view of each kind of split (models/param_tags.Split)
+    "ep": (ps.get_expert_model_parallel_rank, ps.get_expert_model_parallel_world_size),
+    "etp": (ps.get_expert_tensor_parallel_rank, ps.get_expert_tensor_parallel_world_size),
+    "tp": (ps.get_tensor_model_parallel_rank, ps.get_tensor_model_parallel_world_size),
+}
 
 
 def sharded_tensor(key: str, data: torch.Tensor, param: torch.Tensor,
@@ -34,26 +37,18 @@ def sharded_tensor(key: str, data: torch.Tensor, param: torch.Tensor,
     `chunk` is the virtual-pipeline chunk holding it; replicated embedders on chunks other than
     the first are extra replicas."""
     offsets = []
-    tp_sharded = False
-    if is_expert(param):  # first: experts also carry TP marks
-        ep_dim, etp_dim, halves = param.expert_dims
-        etp = ps.get_expert_tensor_parallel_world_size()
-        if halves > 1 and etp > 1:
+    splits = splits_of(param)
+    for split in splits:
+        rank, size = (f() for f in _RANK_AND_SIZE[split.group])
+        if split.group == "etp" and size == 1:
+            continue
+        if split.halves > 1 and size > 1:
             raise NotImplementedError(
                 f"{key}: sharded checkpoints of SwiGLU experts under expert tensor parallelism "
                 "(gate and up halves are split separately) are not supported; use "
                 "moe.activation=gelu or parallel.tp=1")
-        offsets.append((ep_dim, ps.get_expert_model_parallel_rank(),
-                        ps.get_expert_model_parallel_world_size()))
-        if etp > 1:
-            offsets.append((etp_dim, ps.get_expert_tensor_parallel_rank(), etp))
-        tp_sharded = True
-    elif getattr(param, "tensor_model_parallel", False):
-        if getattr(param, "partition_stride", 1) != 1:
-            raise NotImplementedError(f"{key}: strided tensor-parallel partitions")
-        offsets.append((param.partition_dim, ps.get_tensor_model_parallel_rank(),
-                        ps.get_tensor_model_parallel_world_size()))
-        tp_sharded = True
+        offsets.append((split.dim, rank, size))
+    tp_sharded = bool(splits)
     pp_replica = 0
     if getattr(param, "pipeline_parallel", False):  # one copy per stage and model chunk
         chunks = ps.get_virtual_pipeline_model_parallel_world_size() or 1

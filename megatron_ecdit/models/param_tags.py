@@ -17,12 +17,41 @@ reduced or drawn.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
 
 import torch
 from torch import nn
 
 Initializer = Callable[[torch.Tensor, torch.Generator], None]
+
+
+@dataclass(frozen=True)
+class Split:
+    """One axis along which a parameter's full tensor is split over the ranks of a group."""
+
+    dim: int
+    group: Literal["ep", "etp", "tp"]  # expert-parallel, expert-tensor-parallel, tensor-parallel
+    halves: int = 1  # pieces along `dim` that are split separately (SwiGLU's gate and up)
+
+
+def is_expert(param: torch.Tensor) -> bool:
+    return getattr(param, "expert_dims", None) is not None
+
+
+def splits_of(param: torch.Tensor) -> list[Split]:
+    """The rule for which slice of the full tensor a rank holds: the splits of `param`,
+    outermost first (a rank's slice is the full tensor cut by each in turn). Both the in-memory
+    shard/gather (parallel/sharding.py) and the checkpoint description (checkpoint/sharded.py)
+    follow it."""
+    if is_expert(param):  # first: split experts also carry megatron's TP marks
+        ep_dim, etp_dim, halves = param.expert_dims
+        return [Split(ep_dim, "ep"), Split(etp_dim, "etp", halves)]
+    if getattr(param, "tensor_model_parallel", False):
+        if getattr(param, "partition_stride", 1) != 1:
+            raise NotImplementedError("strided tensor-parallel partitions are not supported")
+        return [Split(param.partition_dim, "tp")]
+    return []
 
 
 def normal(std: float) -> Initializer:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_ecdit.models.param_tags import initializer_of
+from megatron_ecdit.models.param_tags import initializer_of, is_expert, splits_of
 from megatron_ecdit.models.tensor_parallel import ParallelContext
 
 
@@ -38,27 +38,20 @@ def _split(full: torch.Tensor, dim: int, halves: int,
     return torch.cat([p.chunk(_size(group), dim=dim)[_rank(group)] for p in pieces], dim=dim)
 
 
+def _group(ctx: ParallelContext, kind: str) -> Optional[dist.ProcessGroup]:
+    return {"ep": ctx.ep_group, "etp": ctx.expert_tp_group, "tp": ctx.tp_group}[kind]
+
+
 def shard_of(param: torch.Tensor, full: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """This rank's slice of `full` for `param`."""
-    dims = getattr(param, "expert_dims", None)  # experts first: they also carry TP marks
-    if dims is not None:
-        ep_dim, etp_dim, halves = dims
-        part = full.chunk(_size(ctx.ep_group), dim=ep_dim)[_rank(ctx.ep_group)]
-        return _split(part, etp_dim, halves, ctx.expert_tp_group)
-    if getattr(param, "tensor_model_parallel", False):
-        if getattr(param, "partition_stride", 1) != 1:
-            raise NotImplementedError("strided tensor-parallel partitions are not supported")
-        return _split(full, param.partition_dim, 1, ctx.tp_group)
+    """This rank's slice of `full` for `param` (models/param_tags.splits_of)."""
+    for split in splits_of(param):
+        full = _split(full, split.dim, split.halves, _group(ctx, split.group))
     return full
 
 
 def _shard_coordinates(param: torch.Tensor, ctx: ParallelContext) -> tuple[int, ...]:
     """Which shard of its full tensor this rank holds (equal coordinates, equal contents)."""
-    if getattr(param, "expert_dims", None) is not None:
-        return _rank(ctx.ep_group), _rank(ctx.expert_tp_group)
-    if getattr(param, "tensor_model_parallel", False):
-        return (_rank(ctx.tp_group),)
-    return ()
+    return tuple(_rank(_group(ctx, split.group)) for split in splits_of(param))
 
 
 def _generator(seed: int, *key) -> torch.Generator:
@@ -78,22 +71,22 @@ def initialize(model: nn.Module, seed: int, ctx: ParallelContext) -> None:
     identical everywhere by construction (`check_replicas` verifies it)."""
     for name, param in model.named_parameters():
         init = initializer_of(name, param)
-        dims = getattr(param, "expert_dims", None)
-        if dims is not None:
-            ep_dim, etp_dim, halves = dims
-            if ep_dim != 0:
+        if is_expert(param):
+            by_expert, within = splits_of(param)
+            if by_expert.dim != 0:
                 raise ValueError(f"{name}: experts must be stacked along dim 0")
             shape = list(param.shape[1:])
-            shape[etp_dim - 1] *= _size(ctx.expert_tp_group)
+            shape[within.dim - 1] *= _size(ctx.expert_tp_group)
             first = _rank(ctx.ep_group) * param.shape[0]
             for local in range(param.shape[0]):
                 full = torch.empty(shape, dtype=param.dtype)
                 init(full, _generator(seed, name, first + local))
-                param[local].copy_(_split(full, etp_dim - 1, halves, ctx.expert_tp_group))
+                param[local].copy_(_split(full, within.dim - 1, within.halves,
+                                          ctx.expert_tp_group))
             continue
         shape = list(param.shape)
-        if getattr(param, "tensor_model_parallel", False):
-            shape[param.partition_dim] *= _size(ctx.tp_group)
+        for split in splits_of(param):
+            shape[split.dim] *= _size(_group(ctx, split.group))
         full = torch.empty(shape, dtype=param.dtype)
         init(full, _generator(seed, name))
         param.copy_(shard_of(param, full, ctx))
@@ -148,13 +141,8 @@ def gather_full(param: torch.Tensor, ctx: ParallelContext,
                 value: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The full tensor of `param` (or of `value`, a tensor sharded like it, e.g. its grad)."""
     value = param.detach() if value is None else value
-    dims = getattr(param, "expert_dims", None)  # experts first: they also carry TP marks
-    if dims is not None:
-        ep_dim, etp_dim, halves = dims
-        pieces = value.chunk(halves, dim=etp_dim)
-        value = torch.cat([_gather(p, etp_dim, ctx.expert_tp_group) for p in pieces],
-                          dim=etp_dim)
-        return _gather(value, ep_dim, ctx.ep_group)
-    if getattr(param, "tensor_model_parallel", False):
-        return _gather(value, param.partition_dim, ctx.tp_group)
+    for split in reversed(splits_of(param)):  # innermost split first
+        pieces = value.chunk(split.halves, dim=split.dim)
+        value = torch.cat([_gather(p, split.dim, _group(ctx, split.group)) for p in pieces],
+                          dim=split.dim)
     return value
