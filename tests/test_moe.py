@@ -7,7 +7,7 @@ import torch
 
 from megatron_ecdit.config import ConfigError, MoEConfig, load_config
 from megatron_ecdit.moe.experts import GroupedExperts
-from megatron_ecdit.moe.layer import MoELayer
+from megatron_ecdit.moe.layer import MoELayer, set_aux_grad_scale
 from megatron_ecdit.moe.reference import algorithm1, expert_functions, token_choice_loop
 from megatron_ecdit.moe.router import ExpertChoiceRouter, TokenChoiceRouter, expert_capacity
 
@@ -178,7 +178,8 @@ def test_swiglu_experts_and_shared_expert(ctx):
     from megatron_ecdit.moe.layer import DenseFFN, build_ffn
     moe = MoEConfig(num_experts=4, activation="swiglu", shared_expert_size=16)
     layer = build_ffn(ctx, 8, 32, moe, capacity_factor=2.0)
-    assert layer.experts.w1.shape == (4, 8, 64) and isinstance(layer.shared_expert, DenseFFN)
+    assert layer.experts.w1.shape == layer.experts.w3.shape == (4, 8, 32)
+    assert isinstance(layer.shared_expert, DenseFFN)
     x = torch.randn(6, 2, 8)
     out = layer(x)
     # Shared expert adds on every token: output minus shared part is the routed part.
@@ -187,3 +188,30 @@ def test_swiglu_experts_and_shared_expert(ctx):
     assert torch.all(routed.reshape(-1, 8)[unrouted] == 0)
     out.output.sum().backward()
     assert layer.experts.w1.grad is not None and layer.shared_expert.fc1.linear.weight.grad is not None
+
+
+def test_token_choice_aux_loss_reaches_the_router_from_inside_the_layer():
+    """The gradient of `loss(output)` with the aux loss on the gradient path equals the
+    gradient of `loss(output) + coeff * scale * aux_loss` taken the plain way."""
+    torch.manual_seed(2)
+    S, B, E, D, H = 8, 2, 4, 8, 16
+    layer = MoELayer(TokenChoiceRouter(D, E, 2, 1.0), GroupedExperts(E, D, H),
+                     aux_loss_coeff=0.3).double()
+    set_aux_grad_scale(layer, 0.5)
+    x = torch.randn(S, B, D, dtype=torch.double)
+    out = layer(x)
+    out.output.square().mean().backward()
+    on_path = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    with torch.no_grad():
+        assert out.stats.aux_loss == out.aux_loss
+    layer.aux_loss_coeff = 0.0  # the plain way: the aux loss added to the loss by hand
+    out = layer(x)
+    (out.output.square().mean() + 0.3 * 0.5 * out.aux_loss).backward()
+    assert layer.router.weight.grad.abs().max() > 0
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(on_path[name], p.grad, rtol=1e-12, atol=1e-14)
+    # the aux term matters: without it the router's gradient differs
+    layer.zero_grad()
+    layer(x).output.square().mean().backward()
+    assert not torch.allclose(layer.router.weight.grad, on_path["router.weight"])

@@ -34,6 +34,8 @@ def test_degrees_and_expert_grid():
     (2, ["parallel.zero=deepspeed", "parallel.zero_stage=4"], "must be 1, 2 or 3 for DeepSpeed"),
     (2, ["parallel.zero=deepspeed", "parallel.zero_stage=3", "parallel.ep=2"],
      "parallel.ep > 1 supports zero_stage 1 or 2"),
+    (2, ["parallel.zero=deepspeed", "parallel.zero_stage=3", "checkpoint.async_save=true"],
+     "async_save does not work with DeepSpeed ZeRO-3"),
     (2, ["parallel.zero_stage=2"], "zero_stage 0 (DDP) or 1"),
     (2, ["moe.num_experts=0", "parallel.ep=2"], "parallel.ep > 1 needs moe.num_experts > 0"),
 ])

@@ -7,7 +7,7 @@ import pytest
 
 import pretrain_ecdit
 from megatron_ecdit.checkpoint.distributed import latest_checkpoint, load_weights
-from megatron_ecdit.config import ConfigError, load_config
+from megatron_ecdit.config import load_config
 from megatron_ecdit.models.ecdit import ECDiT
 from megatron_ecdit.training.trainer import train
 
@@ -69,11 +69,6 @@ def test_missing_encoder_folder_fails_before_training(tmp_path, ctx, key):
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         train(tiny(tmp_path, "train.steps=2", f"{key}={missing}"))
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
-
-
-def test_deepspeed_zero3_is_refused_by_the_training_job(tmp_path, ctx):
-    with pytest.raises(ConfigError, match="does not run DeepSpeed ZeRO-3 yet"):
-        train(tiny(tmp_path, "train.steps=2", "parallel.zero=deepspeed", "parallel.zero_stage=3"))
 
 
 def test_entry_point_reports_config_errors(capsys):

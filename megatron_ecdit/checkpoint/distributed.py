@@ -51,11 +51,12 @@ class Parts:
     """What a training job checkpoints, seen from one rank."""
 
     chunks: list[torch.nn.Module]  # this rank's model chunks (one unless virtual pipelining)
-    ema: dict[str, torch.Tensor]  # EMA shadow, keyed like named_parameters of the whole model
+    # EMA weights shaped like the parameters, keyed like named_parameters of the whole model;
+    # a load writes into these tensors.
+    ema: dict[str, torch.Tensor]
     ema_names: dict[str, tuple[int, str]]  # EMA key -> (chunk, model-space parameter name)
-    # The optimizer adapter: sharded_state_dict(model_sd, is_loading), load_state_dict(state,
-    # step), reload_model_params(), and `checkpoint_format`, the name of its optimizer-state
-    # layout (loadable by adapters of the same format at any layout).
+    # The optimizer backend (parallel/backends.OptimizerBackend): its optimizer state, the
+    # copies of the weights it keeps, and `gathered()`, inside which every parameter is whole.
     backend: Any
     rank_state: Callable[[], dict]  # per-data-parallel-rank state (data position, generator)
 
@@ -124,11 +125,13 @@ def _state(parts: Parts, *, is_loading: bool, with_optimizer: bool, with_rank_st
 
 
 def save(root: str | os.PathLike, step: int, parts: Parts, common: dict[str, Any],
-         keep_last: int = 2, queue: Optional[AsyncCallsQueue] = None) -> Path:
-    """Collective: every rank writes its shards, then rank 0 publishes the folder.
+         keep_last: int = 2, queue: Optional[AsyncCallsQueue] = None,
+         weights_only: bool = False) -> Path:
+    """Collective: every rank writes its shards, then rank 0 publishes the folder. Call it
+    inside `parts.backend.gathered()`, where every parameter is whole.
 
-    With `parts.backend` None the checkpoint holds weights and EMA only (`weights_only`): it
-    starts a run (e.g. fine-tuning) with fresh optimizer state at step 0.
+    With `weights_only` the checkpoint holds weights and EMA only: it starts a run (e.g.
+    fine-tuning) with fresh optimizer state at step 0.
     With a `queue` the shards are written by a forked process (a copy-on-write snapshot of this
     moment's tensors) while training goes on, and the folder is published when the queue
     finalizes the save (`queue.maybe_finalize_async_calls`, collective)."""
@@ -138,12 +141,12 @@ def save(root: str | os.PathLike, step: int, parts: Parts, common: dict[str, Any
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    weights_only = parts.backend is None
     state = _state(parts, is_loading=False, with_optimizer=not weights_only,
                    with_rank_state=not weights_only)
     state["common"] = {"step": step, "dp_size": ps.get_data_parallel_world_size(),
                        "weights_only": weights_only,
-                       "optimizer_backend": getattr(parts.backend, "checkpoint_format", None),
+                       "optimizer_backend": (None if weights_only
+                                             else parts.backend.checkpoint_format),
                        **common}
 
     def publish() -> None:
@@ -173,12 +176,11 @@ def read_common(path: str | os.PathLike) -> dict[str, Any]:
 def load(path: str | os.PathLike, parts: Parts) -> tuple[dict[str, Any], Optional[dict],
                                                           list[str]]:
     """Collective: load weights and EMA, and the optimizer state when the checkpoint has the
-    same optimizer backend, in place. Returns the common state, this rank's saved per-rank
-    state (None when the checkpoint is weights-only or the data-parallel size changed), and
-    notes on what was not restored."""
+    same optimizer backend, in place (the weights through `parts.backend.gathered`). Returns
+    the common state, this rank's saved per-rank state (None when the checkpoint is
+    weights-only or the data-parallel size changed), and notes on what was not restored."""
     path = resolve_checkpoint(path)
     common = read_common(path)
-    _check_shapes(path, parts.chunks)
     notes = []
     with_optimizer = not common["weights_only"]
     if with_optimizer and common["optimizer_backend"] != parts.backend.checkpoint_format:
@@ -191,16 +193,19 @@ def load(path: str | os.PathLike, parts: Parts) -> tuple[dict[str, Any], Optiona
         notes.append(f"data-parallel size changed ({common['dp_size']} -> "
                      f"{ps.get_data_parallel_world_size()}): the data stream and noise generator "
                      "restart from their seeds")
-    state = _state(parts, is_loading=True, with_optimizer=with_optimizer,
-                   with_rank_state=with_rank_state, rank_template={})
-    # The weights and EMA tensors the ShardedTensors describe, to copy the loaded values into.
-    targets = {group: {entry: sh.data for entry, sh in state[group].items()}
-               for group in ("model", "ema")}
-    loaded = dist_checkpointing.load(state, str(path))
-    with torch.no_grad():
-        for group, tensors in targets.items():
-            for entry, tensor in loaded[group].items():
-                tensors[entry].copy_(tensor)
+    with parts.backend.gathered(modify=True):
+        _check_shapes(path, parts.chunks)
+        state = _state(parts, is_loading=True, with_optimizer=with_optimizer,
+                       with_rank_state=with_rank_state, rank_template={})
+        # The weights and EMA tensors the ShardedTensors describe, to copy the loaded values
+        # into.
+        targets = {group: {entry: sh.data for entry, sh in state[group].items()}
+                   for group in ("model", "ema")}
+        loaded = dist_checkpointing.load(state, str(path))
+        with torch.no_grad():
+            for group, tensors in targets.items():
+                for entry, tensor in loaded[group].items():
+                    tensors[entry].copy_(tensor)
     # The backend's own copies of the weights (fp32 master partitions, main parameters) follow
     # the loaded parameters; otherwise its next step would write the old weights back.
     parts.backend.reload_model_params()

@@ -42,11 +42,6 @@ def sharded_tensor(key: str, data: torch.Tensor, param: torch.Tensor,
         rank, size = (f() for f in _RANK_AND_SIZE[split.group])
         if split.group == "etp" and size == 1:
             continue
-        if split.halves > 1 and size > 1:
-            raise NotImplementedError(
-                f"{key}: sharded checkpoints of SwiGLU experts under expert tensor parallelism "
-                "(gate and up halves are split separately) are not supported; use "
-                "moe.activation=gelu or parallel.tp=1")
         offsets.append((split.dim, rank, size))
     tp_sharded = bool(splits)
     pp_replica = 0

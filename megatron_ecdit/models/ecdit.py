@@ -114,7 +114,6 @@ class FinalLayer(nn.Module):
 class ECDiTOutput:
     prediction: torch.Tensor  # velocity (B, C, H, W), or token rows (B, S_keep, p*p*C) if masked
     routing: dict[int, RoutingStats] = field(default_factory=dict)  # by block index
-    aux_loss: Optional[torch.Tensor] = None
 
 
 class ECDiT(nn.Module):
@@ -189,23 +188,20 @@ class ECDiT(nn.Module):
         c_BDc = self.t_embedder(t_B)
         text_LBD = self.caption_proj(text_BLT).transpose(0, 1)
         routing: dict[int, RoutingStats] = {}
-        aux_loss = None
         for name, block in self.blocks.items():
             x_SBD, ffn = block(x_SBD, c_BDc, text_LBD, text_mask_BL)
             if ffn.stats is not None:
                 routing[int(name)] = ffn.stats
-            if ffn.aux_loss is not None:
-                aux_loss = ffn.aux_loss if aux_loss is None else aux_loss + ffn.aux_loss
         if not self.post_process:  # sent to the next stage, which needs a contiguous tensor
-            return ECDiTOutput(x_SBD.contiguous(), routing, aux_loss)
+            return ECDiTOutput(x_SBD.contiguous(), routing)
         if self.sp_group is not None:
             x_SBD = gather_from_sequence_parallel_region(x_SBD, tensor_parallel_output_grad=False,
                                                          group=self.sp_group)
         rows_BSP = self.final(x_SBD, c_BDc).transpose(0, 1)
         if keep_idx_BK is not None:
-            return ECDiTOutput(rows_BSP, routing, aux_loss)
+            return ECDiTOutput(rows_BSP, routing)
         return ECDiTOutput(unpatchify(rows_BSP, self.config.patch_size, self.config.in_channels),
-                           routing, aux_loss)
+                           routing)
 
 
 def stage_layers(num_layers: int, pp: int, vpp: int, pp_rank: int, chunk: int) -> range:

@@ -7,7 +7,7 @@ reduced or drawn.
 | attribute | set by | meaning |
 |---|---|---|
 | `tensor_model_parallel`, `partition_dim`, `partition_stride` | megatron-core's TP layers; `moe/experts.py` (expert-TP) | one axis is split over (expert-)TP ranks; megatron's and DeepSpeed's grad-norm code count every shard |
-| `expert_dims` = (ep_dim, etp_dim, halves) | `moe/experts.py` | experts split over EP along ep_dim, hidden over expert-TP along etp_dim, in `halves` separately split pieces (SwiGLU's gate and up) |
+| `expert_dims` = (ep_dim, etp_dim) | `moe/experts.py` | experts split over EP along ep_dim, hidden over expert-TP along etp_dim |
 | `allreduce` = False | `moe/experts.py` | an expert parameter: gradients reduced over expert-DP, not DP (megatron-core DDP and DeepSpeed read it) |
 | `sequence_parallel` | `models/ecdit.py`, megatron-core | sees a sequence slice under SP: gradients summed over TP |
 | `pipeline_parallel` | `models/ecdit.py` | a conditioning embedder replicated on every pipeline stage: gradients summed over the pipeline group |
@@ -32,7 +32,6 @@ class Split:
 
     dim: int
     group: Literal["ep", "etp", "tp"]  # expert-parallel, expert-tensor-parallel, tensor-parallel
-    halves: int = 1  # pieces along `dim` that are split separately (SwiGLU's gate and up)
 
 
 def is_expert(param: torch.Tensor) -> bool:
@@ -45,8 +44,8 @@ def splits_of(param: torch.Tensor) -> list[Split]:
     shard/gather (parallel/sharding.py) and the checkpoint description (checkpoint/sharded.py)
     follow it."""
     if is_expert(param):  # first: split experts also carry megatron's TP marks
-        ep_dim, etp_dim, halves = param.expert_dims
-        return [Split(ep_dim, "ep"), Split(etp_dim, "etp", halves)]
+        ep_dim, etp_dim = param.expert_dims
+        return [Split(ep_dim, "ep"), Split(etp_dim, "etp")]
     if getattr(param, "tensor_model_parallel", False):
         if getattr(param, "partition_stride", 1) != 1:
             raise NotImplementedError("strided tensor-parallel partitions are not supported")

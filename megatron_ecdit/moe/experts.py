@@ -3,7 +3,8 @@
 Expert choice gives every expert exactly the same number of tokens, so all local experts run
 as two batched matmuls (`torch.bmm`) with no padding, sorting or per-expert loop. Weights are
 stored as (E_local, D, H_local) and (E_local, H_local, D): sharding over expert parallelism
-slices dim 0, expert tensor parallelism slices H. Under expert TP the input enters through
+slices dim 0, expert tensor parallelism slices H. SwiGLU's gate (w1) and up (w3) projections
+are separate weights (LLaMA's names), so every weight is one plain slice of its full tensor. Under expert TP the input enters through
 megatron-core's copy-to-TP-region (its gradient is summed over the shards) and the partial
 outputs leave through reduce-from-TP-region; the group is handed in, never looked up.
 
@@ -34,42 +35,43 @@ class GroupedExperts(nn.Module):
                  output_init_std: Optional[float] = None,
                  tp_group: Optional[dist.ProcessGroup] = None):
         super().__init__()
-        self.activation = activation
-        up = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
-        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_size, up))
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
+        self.w3 = (nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
+                   if activation == "swiglu" else None)
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
         self.init_std = init_std
         self.output_init_std = output_init_std or init_std
-        declare_init(self.w1, normal(self.init_std))
-        declare_init(self.w2, normal(self.output_init_std))
         self.tp_group = tp_group if tp_group is not None and tp_group.size() > 1 else None
-        # megatron-core's DDP reads `allreduce` to reduce expert grads over expert-DP only;
-        # parallel/sharding.py reads expert_dims = (EP dim, expert-TP dim, halves along it).
-        self.w1.allreduce = self.w2.allreduce = False
-        self.w1.expert_dims = (0, 2, 2 if activation == "swiglu" else 1)
-        self.w2.expert_dims = (0, 1, 1)
-        # Split over expert-TP, each rank's shard is distinct: marked as megatron marks TP
-        # weights, so both ZeRO backends count every shard in the gradient norm (unmarked, only
-        # the first TP rank's would count).
         etp = self.tp_group.size() if self.tp_group is not None else 1
-        for w in (self.w1, self.w2):
-            _, etp_dim, halves = w.expert_dims
-            set_tensor_model_parallel_attributes(w, etp > 1, etp_dim, halves)
+        for w, etp_dim, std in ((self.w1, 2, self.init_std), (self.w3, 2, self.init_std),
+                                (self.w2, 1, self.output_init_std)):
+            if w is None:
+                continue
+            declare_init(w, normal(std))
+            # megatron-core's DDP reads `allreduce` to reduce expert grads over expert-DP
+            # only; models/param_tags.splits_of reads expert_dims = (EP dim, expert-TP dim).
+            w.allreduce = False
+            w.expert_dims = (0, etp_dim)
+            # Split over expert-TP, each rank's shard is distinct: marked as megatron marks TP
+            # weights, so both ZeRO backends count every shard in the gradient norm
+            # (unmarked, only the first TP rank's would count).
+            set_tensor_model_parallel_attributes(w, etp > 1, etp_dim, 1)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         if self.w1.is_meta:
             return
-        nn.init.normal_(self.w1, std=self.init_std)
-        nn.init.normal_(self.w2, std=self.output_init_std)
+        for w, std in ((self.w1, self.init_std), (self.w3, self.init_std),
+                       (self.w2, self.output_init_std)):
+            if w is not None:
+                nn.init.normal_(w, std=std)
 
     def forward(self, x_END: torch.Tensor) -> torch.Tensor:
         if self.tp_group is not None:
             x_END = copy_to_tensor_model_parallel_region(x_END, group=self.tp_group)
         h_ENH = torch.bmm(x_END, self.w1)
-        if self.activation == "swiglu":
-            gate, up = h_ENH.chunk(2, dim=-1)
-            h_ENH = F.silu(gate) * up
+        if self.w3 is not None:  # SwiGLU: silu(x w1) * (x w3)
+            h_ENH = F.silu(h_ENH) * torch.bmm(x_END, self.w3)
         else:
             h_ENH = F.gelu(h_ENH, approximate="tanh")
         y_END = torch.bmm(h_ENH, self.w2)

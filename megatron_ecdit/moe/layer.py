@@ -43,6 +43,7 @@ class RoutingStats:
     unrouted_fraction: torch.Tensor  # scalar: share of tokens chosen by no expert
     expert_mean_gate: torch.Tensor  # (E,): mean gate of each expert's chosen tokens
     router_entropy: torch.Tensor  # scalar: mean entropy of the per-token affinities (nats)
+    aux_loss: Optional[torch.Tensor] = None  # scalar, token choice only (its value, detached)
 
     @property
     def mean_experts_per_token(self) -> torch.Tensor:
@@ -54,6 +55,24 @@ class FFNOutput:
     output: torch.Tensor  # (S, B, D)
     stats: Optional[RoutingStats] = None
     aux_loss: Optional[torch.Tensor] = None
+
+
+class AuxLossOnGradientPath(torch.autograd.Function):
+    """Identity on the layer's output whose backward also starts the auxiliary loss's gradient,
+    scaled by `scale` (megatron-core's MoEAuxLossAutoScaler). The loss thus reaches its router
+    from inside the layer, on whatever pipeline stage holds it, instead of being handed up to
+    the training loop."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(aux_loss, ctx.scale), None
 
 
 class LocalDispatcher(nn.Module):
@@ -76,17 +95,26 @@ def routing_stats(routing: Routing, seq_len: int, batch: int) -> RoutingStats:
         mean_gate = gate_sum / chosen_EN.sum(-1).clamp(min=1)
         p = routing.probs_SBE
         entropy = -(p * p.clamp(min=1e-20).log()).sum(-1).mean()
-        return RoutingStats(counts_BS, (counts_BS == 0).float().mean(), mean_gate, entropy)
+        aux = None if routing.aux_loss is None else routing.aux_loss.detach()
+        return RoutingStats(counts_BS, (counts_BS == 0).float().mean(), mean_gate, entropy, aux)
 
 
 class MoELayer(nn.Module):
-    """Mixture-of-experts FFN with fixed-shape expert buffers."""
+    """Mixture-of-experts FFN with fixed-shape expert buffers.
+
+    A router with an auxiliary loss (token choice) adds `aux_loss_coeff * aux_grad_scale`
+    times its gradient on the backward pass (`AuxLossOnGradientPath`). The training job sets
+    `aux_grad_scale` to 1 / micro-batches per step (`set_aux_grad_scale`), matching how it
+    scales the main loss."""
 
     def __init__(self, router: nn.Module, experts: GroupedExperts,
                  dispatcher: Optional[nn.Module] = None,
                  shared_expert: Optional[nn.Module] = None,
-                 sequence_parallel_group: Optional[dist.ProcessGroup] = None):
+                 sequence_parallel_group: Optional[dist.ProcessGroup] = None,
+                 aux_loss_coeff: float = 0.0):
         super().__init__()
+        self.aux_loss_coeff = aux_loss_coeff
+        self.aux_grad_scale = 1.0
         self.router = router
         self.experts = experts
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
@@ -126,6 +154,9 @@ class MoELayer(nn.Module):
         out_SBD = out.view(S, B, D)
         if self.shared_expert is not None:  # a dense TP FFN on the full (gathered) sequence
             out_SBD = out_SBD + self.shared_expert(x_SBD).output
+        if routing.aux_loss is not None and torch.is_grad_enabled():
+            out_SBD = AuxLossOnGradientPath.apply(out_SBD, routing.aux_loss,
+                                                  self.aux_loss_coeff * self.aux_grad_scale)
         return FFNOutput(out_SBD, routing_stats(routing, S, B), routing.aux_loss)
 
 
@@ -135,18 +166,18 @@ class DenseFFN(nn.Module):
     def __init__(self, ctx: ParallelContext, hidden_size: int, ffn_hidden_size: int,
                  activation: str = "gelu", output_init_std: float = 0.02):
         super().__init__()
-        self.activation = activation
-        up = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
-        self.fc1 = ColumnLinear(ctx, hidden_size, up)
+        self.fc1 = ColumnLinear(ctx, hidden_size, ffn_hidden_size)
+        # SwiGLU's up projection is its own column-parallel weight (LLaMA's w3), so each
+        # weight is one plain slice of its full tensor at any TP size.
+        self.fc3 = (ColumnLinear(ctx, hidden_size, ffn_hidden_size) if activation == "swiglu"
+                    else None)
         self.fc2 = RowLinear(ctx, ffn_hidden_size, hidden_size, init_std=output_init_std)
 
     def forward(self, x_SBD: torch.Tensor, router_x_SBD: Optional[torch.Tensor] = None,
                 cond_BDc: Optional[torch.Tensor] = None) -> FFNOutput:
         h = self.fc1(x_SBD)
-        if self.activation == "swiglu":
-            # Under TP each rank holds [gate; up] of its own slice (interleaved by shard).
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+        if self.fc3 is not None:  # SwiGLU: silu(x fc1) * (x fc3)
+            h = F.silu(h) * self.fc3(x_SBD)
         else:
             h = F.gelu(h, approximate="tanh")
         return FFNOutput(self.fc2(h))
@@ -175,4 +206,11 @@ def build_ffn(ctx: ParallelContext, hidden_size: int, ffn_hidden_size: int, moe:
                        moe.activation) if moe.shared_expert_size else None)
     dispatcher = AllToAllDispatcher(ctx.ep_group) if ctx.ep_size > 1 else None
     return MoELayer(router, experts, dispatcher, shared,
-                    ctx.tp_group if ctx.sequence_parallel else None)
+                    ctx.tp_group if ctx.sequence_parallel else None, moe.aux_loss_coeff)
+
+
+def set_aux_grad_scale(model: nn.Module, scale: float) -> None:
+    """Scale every MoE layer's auxiliary-loss gradient (1 / micro-batches per step)."""
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.aux_grad_scale = scale

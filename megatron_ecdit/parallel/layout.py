@@ -101,18 +101,17 @@ class ParallelLayout:
                     f"parallel.zero_stage must be 1, 2 or 3 for DeepSpeed, got {p.zero_stage}")
             if p.ep > 1 and p.zero_stage == 3:
                 raise ConfigError("parallel.zero=deepspeed with parallel.ep > 1 supports "
-                                  "zero_stage 1 or 2 (DeepSpeed ZeRO-3 partitions only "
-                                  "DeepSpeed-MoE experts over expert-DP)")
-            if p.zero_stage == 3:
-                raise ConfigError("the training job does not run DeepSpeed ZeRO-3 yet: its "
-                                  "EMA, checkpoints and sampling read whole parameters, which "
-                                  "ZeRO-3 partitions; use parallel.zero_stage=1 or 2")
+                                  "zero_stage 1 or 2: DeepSpeed's engine refuses expert "
+                                  "parameter groups under ZeRO-3 (\"MoE not supported with "
+                                  "Stage 3\"; only its AutoEP layers are); use parallel.zero="
+                                  "megatron for expert parallelism with sharded optimizer state")
+            if p.zero_stage == 3 and cfg.checkpoint.async_save:
+                raise ConfigError("checkpoint.async_save does not work with DeepSpeed ZeRO-3: "
+                                  "its parameters are gathered only while a save is scheduled, "
+                                  "not while the forked writer reads them")
         elif p.zero_stage not in (0, 1):
             raise ConfigError(f"parallel.zero=megatron supports zero_stage 0 (DDP) or 1 "
                               f"(distributed optimizer), got {p.zero_stage}")
-        if p.pp > 1 and moe.router == "token_choice":
-            raise ConfigError("moe.router=token_choice (auxiliary loss) is not supported with "
-                              "parallel.pp > 1")
         if world_size > 1 and cfg.optim.name != "adamw":
             raise ConfigError(f"optim.name={cfg.optim.name} runs in one process only; the "
                               f"data-parallel backends (parallel.zero) use adamw")

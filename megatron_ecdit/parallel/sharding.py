@@ -30,12 +30,9 @@ def _size(group: Optional[dist.ProcessGroup]) -> int:
     return group.size() if group is not None else 1
 
 
-def _split(full: torch.Tensor, dim: int, halves: int,
-           group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """This rank's part of `full` along `dim`, where `full` is `halves` pieces split separately
-    (SwiGLU's gate and up)."""
-    pieces = full.chunk(halves, dim=dim)
-    return torch.cat([p.chunk(_size(group), dim=dim)[_rank(group)] for p in pieces], dim=dim)
+def _split(full: torch.Tensor, dim: int, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """This rank's part of `full` along `dim`."""
+    return full.chunk(_size(group), dim=dim)[_rank(group)]
 
 
 def _group(ctx: ParallelContext, kind: str) -> Optional[dist.ProcessGroup]:
@@ -45,7 +42,7 @@ def _group(ctx: ParallelContext, kind: str) -> Optional[dist.ProcessGroup]:
 def shard_of(param: torch.Tensor, full: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """This rank's slice of `full` for `param` (models/param_tags.splits_of)."""
     for split in splits_of(param):
-        full = _split(full, split.dim, split.halves, _group(ctx, split.group))
+        full = _split(full, split.dim, _group(ctx, split.group))
     return full
 
 
@@ -81,8 +78,7 @@ def initialize(model: nn.Module, seed: int, ctx: ParallelContext) -> None:
             for local in range(param.shape[0]):
                 full = torch.empty(shape, dtype=param.dtype)
                 init(full, _generator(seed, name, first + local))
-                param[local].copy_(_split(full, within.dim - 1, within.halves,
-                                          ctx.expert_tp_group))
+                param[local].copy_(_split(full, within.dim - 1, ctx.expert_tp_group))
             continue
         shape = list(param.shape)
         for split in splits_of(param):
@@ -142,7 +138,5 @@ def gather_full(param: torch.Tensor, ctx: ParallelContext,
     """The full tensor of `param` (or of `value`, a tensor sharded like it, e.g. its grad)."""
     value = param.detach() if value is None else value
     for split in reversed(splits_of(param)):  # innermost split first
-        pieces = value.chunk(split.halves, dim=split.dim)
-        value = torch.cat([_gather(p, split.dim, _group(ctx, split.group)) for p in pieces],
-                          dim=split.dim)
+        value = _gather(value, split.dim, _group(ctx, split.group))
     return value

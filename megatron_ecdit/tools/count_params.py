@@ -48,8 +48,9 @@ def count(size: str, experts: int) -> dict:
     activated = total
     for module in model.modules():
         if isinstance(module, GroupedExperts):
-            per_expert = (module.w1.numel() + module.w2.numel()) // module.w1.shape[0]
-            activated -= module.w1.numel() + module.w2.numel()
+            weights = sum(w.numel() for w in module.parameters())
+            per_expert = weights // module.w1.shape[0]
+            activated -= weights
             activated += round(moe_cfg.capacity_factor * per_expert)
     return {"config": size, "experts": experts, "total_params": total + FROZEN_PARAMS,
             "activated_params": activated + FROZEN_PARAMS}

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -28,28 +30,35 @@ def learning_rate(cfg: OptimConfig, total_steps: int, step: int) -> float:
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point parameters, kept in fp32."""
+    """Exponential moving average of a model's floating-point parameters, kept in fp32.
 
-    def __init__(self, model: nn.Module, decay: float):
+    It averages what `local(param)` returns: the parameter itself, or the part of it this rank
+    stores when the optimizer backend partitions parameters (DeepSpeed ZeRO-3), so that the
+    average is partitioned like the weights."""
+
+    def __init__(self, model: nn.Module, decay: float,
+                 local: Callable[[nn.Parameter], torch.Tensor] = lambda p: p):
         self.decay = decay
-        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+        self.local = local
+        self.shadow = {name: local(p).detach().float().clone()
+                       for name, p in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         for name, p in model.named_parameters():
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+            self.shadow[name].lerp_(self.local(p).detach().float(), 1.0 - self.decay)
 
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
-            p.copy_(self.shadow[name].to(p.dtype))
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.shadow)
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.shadow) - set(state)
-        if missing:
-            raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
-        for name in self.shadow:
-            self.shadow[name].copy_(state[name])
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module) -> Iterator[None]:
+        """The model holds the EMA weights inside, its own weights again after."""
+        with torch.no_grad():
+            params = [(self.local(p), self.shadow[name]) for name, p in model.named_parameters()]
+            backup = [weights.clone() for weights, _ in params]
+            for weights, average in params:
+                weights.copy_(average.to(weights.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (weights, _), saved in zip(params, backup):
+                    weights.copy_(saved)

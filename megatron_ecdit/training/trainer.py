@@ -44,6 +44,7 @@ from megatron_ecdit.encoders.text import TextEncoder
 from megatron_ecdit.encoders.vae import Autoencoder, build_vae
 from megatron_ecdit.models.ecdit import ECDiT, stage_layers
 from megatron_ecdit.models.embedders import patchify
+from megatron_ecdit.moe.layer import set_aux_grad_scale
 from megatron_ecdit.parallel.backends import OptimizerBackend, build_backend
 from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.parallel.setup import (data_parallel_rank_and_size, initialize_parallel,
@@ -86,12 +87,13 @@ class Job:
             self.model = ECDiT(cfg.model, cfg.moe, ctx)
         for chunk in self.chunks:
             initialize(chunk, cfg.train.seed, ctx)
+            set_aux_grad_scale(chunk, 1.0 / cfg.train.num_microbatches)  # as the main loss
         check_replicas(self.chunks, ctx)
         self.model.to(self.device)
         self.backend: OptimizerBackend = build_backend(self.layout, self.chunks, cfg, ctx)
         if self.layout.pp > 1:
             self.pipeline = PipelineRunner(self.backend.modules, cfg.model.num_patches)
-        self.ema = EMA(self.model, cfg.optim.ema_decay)
+        self.ema = EMA(self.model, cfg.optim.ema_decay, self.backend.local)
         self.uncond = self.text_encoder.encode([""])  # for caption dropout and guidance
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if cfg.train.precision == "bf16" else nullcontext())
@@ -124,32 +126,37 @@ class Job:
         return list(self.model) if isinstance(self.model, nn.ModuleList) else [self.model]
 
     def checkpoint_parts(self) -> checkpoints.Parts:
+        """What a checkpoint holds. The EMA goes in whole: under ZeRO-3 gathered from its
+        partitions (collective), otherwise the average itself."""
         names = {}
         for v, chunk in enumerate(self.chunks):
             for name, _ in chunk.named_parameters():
                 names[f"{v}.{name}" if self.pipeline is not None else name] = (v, name)
-        return checkpoints.Parts(self.chunks, self.ema.shadow, names, self.backend,
-                                 self.rank_state)
+        params = dict(self.model.named_parameters())
+        ema = {name: self.backend.to_full(params[name], average)
+               for name, average in self.ema.shadow.items()}
+        return checkpoints.Parts(self.chunks, ema, names, self.backend, self.rank_state)
 
     def rank_state(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "data": self.data_position()}
 
     def save(self, step: int, weights_only: bool = False) -> Path:
         # Only one copy of a replicated shard is written: every copy must still be the same.
-        check_replicas(self.chunks, self.ctx)
         parts = self.checkpoint_parts()
-        if weights_only:
-            parts.backend = None
         common = {"config": self.cfg.to_dict(), "layout": self.layout.describe()}
-        return checkpoints.save(self.out / "checkpoints", step, parts, common,
-                                keep_last=self.cfg.checkpoint.keep_last, queue=self.saver)
+        with self.backend.gathered():
+            check_replicas(self.chunks, self.ctx)
+            return checkpoints.save(self.out / "checkpoints", step, parts, common,
+                                    keep_last=self.cfg.checkpoint.keep_last, queue=self.saver,
+                                    weights_only=weights_only)
 
     def load_full_weights(self, state: dict[str, torch.Tensor]) -> None:
         """This rank's shards of full single-process weights; the EMA starts equal to them."""
-        for chunk in self.chunks:
-            load_full_state(chunk, state, self.ctx)
+        with self.backend.gathered(modify=True):
+            for chunk in self.chunks:
+                load_full_state(chunk, state, self.ctx)
         self.backend.reload_model_params()
-        self.ema = EMA(self.model, self.cfg.optim.ema_decay)
+        self.ema = EMA(self.model, self.cfg.optim.ema_decay, self.backend.local)
 
     def resume(self) -> int:
         """Load the checkpoint train.resume names (if any); returns the step to continue from."""
@@ -160,7 +167,12 @@ class Job:
                 else checkpoints.resolve_checkpoint(choice))
         if path is None:
             return 0
-        common, rank, notes = checkpoints.load(path, self.checkpoint_parts())
+        parts = self.checkpoint_parts()
+        common, rank, notes = checkpoints.load(path, parts)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():  # back into the EMA's own storage (a no-op unless partitioned)
+            for name, average in self.ema.shadow.items():
+                average.copy_(self.backend.to_local(params[name], parts.ema[name]))
         if self.is_writer:
             what = "weights of" if common["weights_only"] else "resumed from"
             print(f"{what} {path} (step {common['step']}, saved at {common['layout']})")
@@ -255,20 +267,23 @@ class Job:
             with self.autocast:
                 out = self.backend.module(*inputs)
             loss = flow_matching_loss(out.prediction.float(), target)
-            if out.aux_loss is not None:
-                loss = loss + self.cfg.moe.aux_loss_coeff * out.aux_loss
             self.backend.backward(loss / len(micro))
             total += loss.detach() / len(micro)
         return total, out.routing
 
     @torch.no_grad()
     def generate(self, prompts: list[str], record_at: Optional[list[float]] = None, seed: int = 0):
-        """Sample with EMA weights and CFG; optionally record routing maps at timesteps."""
-        cfg, m = self.cfg.diffusion, self.cfg.model
-        backup = {k: v.detach().clone() for k, v in self.model.state_dict().items()
-                  if isinstance(v, torch.Tensor)}
-        self.ema.copy_to(self.model)
+        """Sample with EMA weights and CFG; optionally record routing maps at timesteps. Under
+        ZeRO-3 each block gathers its parameters as it runs, as in training."""
         self.model.eval()
+        try:
+            with self.ema.applied(self.model):
+                return self._sample(prompts, record_at, seed)
+        finally:
+            self.model.train()
+
+    def _sample(self, prompts: list[str], record_at: Optional[list[float]], seed: int):
+        cfg, m = self.cfg.diffusion, self.cfg.model
         text, mask = self.text_encoder.encode(prompts)
         uncond = tuple(u.expand(len(prompts), *u.shape[1:]) for u in self.uncond)
         evaluated = timestep_grid(cfg.sample_steps, cfg.sample_shift)[:-1]
@@ -300,8 +315,6 @@ class Job:
         latents = sample(model_fn, noise, steps=cfg.sample_steps, method=cfg.sampler,
                          cfg_scale=cfg.cfg_scale, cond=(text, mask), uncond=uncond,
                          callback=callback, shift=cfg.sample_shift)
-        self.model.load_state_dict(backup, strict=False)
-        self.model.train()
         return self.vae.decode(latents).cpu(), {
             t: {k: v.cpu() for k, v in layer_maps.items()} for t, layer_maps in maps.items()}
 
@@ -325,6 +338,8 @@ def routing_metrics(routing: dict[int, Any]) -> dict[str, float]:
             stats.mean_experts_per_token.item()
         metrics[f"routing/block{block}/unrouted_fraction"] = stats.unrouted_fraction.item()
         metrics[f"routing/block{block}/entropy"] = stats.router_entropy.item()
+        if stats.aux_loss is not None:
+            metrics[f"routing/block{block}/aux_loss"] = stats.aux_loss.item()
     return metrics
 
 

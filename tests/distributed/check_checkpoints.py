@@ -64,11 +64,8 @@ def outputs(job: Job) -> dict[str, np.ndarray]:
         return pred.float().numpy()
 
     raw = predict()
-    backup = {k: v.clone() for k, v in job.model.state_dict().items()
-              if isinstance(v, torch.Tensor)}
-    job.ema.copy_to(job.model)
-    ema = predict()
-    job.model.load_state_dict(backup, strict=False)
+    with job.ema.applied(job.model):
+        ema = predict()
     return {"model": raw, "ema": ema}
 
 

@@ -6,7 +6,6 @@ single-process model's on the same weights and global batch. Prints one JSON lin
 """
 
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -85,19 +84,10 @@ def config_of(spec: dict):
                                           for k, v in spec.items()])
 
 
-def build_layout(cfg) -> ParallelLayout:
-    """The layout of `cfg`. DeepSpeed ZeRO-3, which the training job refuses, is checked here
-    as a backend: its layout is its ZeRO-2 twin's with the stage set to 3."""
-    if cfg.parallel.zero == "deepspeed" and cfg.parallel.zero_stage == 3:
-        twin = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, zero_stage=2))
-        return dataclasses.replace(ParallelLayout.build(twin, world_size()), zero_stage=3)
-    return ParallelLayout.build(cfg, world_size())
-
-
 def models(spec: dict, ref_group):
     """(cfg, layout, ctx, reference, parallel model) with the same random non-zero weights."""
     cfg = config_of(spec)
-    layout = build_layout(cfg)
+    layout = ParallelLayout.build(cfg, world_size())
     ctx = initialize_parallel(layout)
     torch.manual_seed(0)
     reference = ECDiT(cfg.model, cfg.moe, ParallelContext(tp_group=ref_group))

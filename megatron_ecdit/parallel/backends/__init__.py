@@ -11,7 +11,8 @@ and the checkpoints see only `OptimizerBackend`.
 
 from __future__ import annotations
 
-from typing import Protocol
+import contextlib
+from typing import ContextManager, Protocol
 
 import torch
 from torch import nn
@@ -44,6 +45,39 @@ class OptimizerBackend(Protocol):
         """Its optimizer state as dist_checkpointing tensors, described in model space."""
 
     def load_state_dict(self, state: dict, step: int) -> None: ...
+
+    # Where the weights live. Every backend but DeepSpeed ZeRO-3 keeps each parameter whole on
+    # its ranks (`WholeParameters`); ZeRO-3 keeps a flat partition of it per data-parallel rank.
+
+    def gathered(self, modify: bool = False) -> ContextManager[None]:
+        """Every parameter whole inside (ZeRO-3 gathers its partitions). With `modify`, values
+        written inside are kept (ZeRO-3 partitions them again on exit)."""
+
+    def local(self, param: nn.Parameter) -> torch.Tensor:
+        """What this rank stores of `param` and the optimizer updates: the parameter itself, or
+        its ZeRO-3 partition (what the EMA averages)."""
+
+    def to_full(self, param: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
+        """The whole tensor of a value stored like `local(param)` (collective under ZeRO-3)."""
+
+    def to_local(self, param: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a whole tensor shaped like `param`, stored like `local(param)`."""
+
+
+class WholeParameters:
+    """The weight placement of the backends that keep every parameter whole on its ranks."""
+
+    def gathered(self, modify: bool = False) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def local(self, param: nn.Parameter) -> torch.Tensor:
+        return param
+
+    def to_full(self, param: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
+        return local
+
+    def to_local(self, param: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+        return full
 
 
 def build_backend(layout: ParallelLayout, chunks: list[nn.Module], cfg: Config,

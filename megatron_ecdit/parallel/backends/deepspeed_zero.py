@@ -3,14 +3,22 @@
 `DeepSpeedZeRO` hands DeepSpeed's engine a torch AdamW (no fused-Adam build), megatron's
 tensor-parallel group as its `mpu`, and with expert parallelism (ZeRO-1/2) the expert weights as
 DeepSpeed MoE parameter groups, partitioned and reduced over megatron-core's expert-DP group.
+
+Under ZeRO-3 each parameter lives as a flat partition per data-parallel rank (`param.ds_tensor`,
+rank r holding elements [r n, (r + 1) n) of the flattened tensor, zero-padded at the end);
+`local`, `to_full` and `to_local` translate between that and whole tensors, and `gathered`
+makes every parameter whole for a save or a load.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+from typing import ContextManager
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from torch import nn
 
@@ -84,7 +92,8 @@ class DeepSpeedZeRO:
     """DeepSpeed ZeRO stage 1, 2 or 3 over the data-parallel group, with a torch AdamW as the
     client optimizer (no fused-Adam build) and DeepSpeed's gradient clipping. With expert
     parallelism (ZeRO-1/2), the expert weights form DeepSpeed MoE parameter groups that are
-    partitioned and reduced over megatron-core's expert-DP group."""
+    partitioned and reduced over megatron-core's expert-DP group. Stages 1 and 2 keep the
+    parameters whole; stage 3 partitions them (see the module's docstring)."""
 
     def __init__(self, model: nn.Module, optim: OptimConfig, layout: ParallelLayout,
                  micro_batch_size: int, num_microbatches: int = 1):
@@ -128,6 +137,7 @@ class DeepSpeedZeRO:
         self.modules = [self.engine]
         self.num_microbatches = num_microbatches
         self._backwards = 0  # micro-batches since the last step
+        self.partitioned = layout.zero_stage == 3
 
     def zero_grad(self) -> None:
         pass  # the engine clears gradients in step()
@@ -143,19 +153,44 @@ class DeepSpeedZeRO:
 
     def reload_model_params(self) -> None:
         """After the parameters were overwritten (a load): DeepSpeed steps its own fp32
-        partitions and copies them back into the parameters, so each rank's partition is set
-        from the loaded values (under ZeRO-3 from the gathered parameter)."""
-        from deepspeed.utils import safe_set_full_fp32_param
+        partitions and copies them back into the parameters, so each rank's fp32 partition is
+        set from the loaded values (outside `gathered`: under ZeRO-3 from the partition)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
 
         for param in self.engine.module.parameters():
-            with self._gathered([param]):
+            if self.partitioned:
+                safe_set_local_fp32_param(param, param.ds_tensor.detach().float())
+            else:
                 safe_set_full_fp32_param(param, param.detach().float())
 
-    def _gathered(self, params: list):
-        if self.engine.zero_optimization_stage() == 3:
-            import deepspeed
-            return deepspeed.zero.GatheredParameters(params)
-        return contextlib.nullcontext()
+    # ------------------------------------------------------------ where the weights live
+
+    def gathered(self, modify: bool = False) -> ContextManager[None]:
+        if not self.partitioned:
+            return contextlib.nullcontext()
+        import deepspeed
+        # Every rank writes the same values when it modifies (a load), so rank 0's are kept.
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()),
+                                                 modifier_rank=0 if modify else None)
+
+    def local(self, param: nn.Parameter) -> torch.Tensor:
+        return param.ds_tensor if self.partitioned else param
+
+    def to_full(self, param: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
+        if not self.partitioned:
+            return local
+        group = param.ds_process_group
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        return torch.cat(parts)[:param.ds_numel].view(param.ds_shape)
+
+    def to_local(self, param: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+        if not self.partitioned:
+            return full
+        n = param.ds_tensor.numel()
+        start = dist.get_rank(param.ds_process_group) * n
+        mine = full.reshape(-1)[start:start + n]
+        return F.pad(mine, (0, n - mine.numel()))
 
     def step(self, lr: float) -> float:
         if self._backwards != self.num_microbatches:
@@ -169,21 +204,16 @@ class DeepSpeedZeRO:
         return float(norm) if norm is not None else float("nan")
 
     _STATE = ("fp32_param", "exp_avg", "exp_avg_sq")
-    checkpoint_format = "deepspeed-zero"  # stages 1 and 2 alike: full tensors per parameter
+    checkpoint_format = "deepspeed-zero"  # every stage alike: full tensors per parameter
 
     def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
         """The fp32 master weights and Adam moments of every parameter, gathered over the
         data-parallel group by DeepSpeed's own accessors and described in model space like
-        the parameter (collective). Both backends thus write the same optimizer tensors."""
+        the parameter (collective; under ZeRO-3 inside `gathered`, where `model_state`
+        describes whole parameters). Both backends thus write the same optimizer tensors."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        zero = self.engine.optimizer
-        initialise_state(zero.optimizer)  # DeepSpeed creates Adam's state at the first step
-        # DeepSpeed links each parameter to its Adam state once, right after stepping the
-        # first parameter group, so later groups (the expert groups) link to an empty state;
-        # link again now that every group has its state.
-        zero._hp_optimizer_states_linked = False
-        zero._lazy_init_hp_params_optimizer_state()
+        self._initialise_state()
         state = {}
         for entry, sh in model_state.items():
             for key in self._STATE:
@@ -197,6 +227,26 @@ class DeepSpeedZeRO:
                     sh, key=f"optimizer.state.{key}.{sh.key}", data=value, dtype=value.dtype)
         self._params = {entry: sh.data for entry, sh in model_state.items()}
         return state
+
+    def _initialise_state(self) -> None:
+        """Adam's state exists only after DeepSpeed's first step; create it now (no-op if it
+        exists) so that it can be saved or loaded into."""
+        zero = self.engine.optimizer
+        if self.partitioned:
+            # ZeRO-3 hands its torch optimizer the flat fp32 partitions only during step().
+            groups = zero.optimizer.param_groups
+            for sub_group, flat in enumerate(zero.fp32_partitioned_groups_flat):
+                groups[zero.sub_group_to_group_id[sub_group]]["params"].append(flat)
+            initialise_state(zero.optimizer)
+            for group in groups:
+                group["params"] = []
+            return
+        initialise_state(zero.optimizer)
+        # DeepSpeed links each parameter to its Adam state once, right after stepping the
+        # first parameter group, so later groups (the expert groups) link to an empty state;
+        # link again now that every group has its state.
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
 
     def load_state_dict(self, state: dict, step: int) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state

@@ -22,6 +22,7 @@ from torch import nn
 
 from megatron_ecdit.config import ModelConfig, MoEConfig, OptimConfig
 from megatron_ecdit.models.tensor_parallel import ParallelContext
+from megatron_ecdit.parallel.backends import WholeParameters
 from megatron_ecdit.parallel.backends.one_process import initialise_state
 from megatron_ecdit.parallel.layout import ParallelLayout
 
@@ -43,7 +44,7 @@ def transformer_config(model: ModelConfig, moe: MoEConfig, ctx: ParallelContext,
         batch_p2p_comm=False)  # batched p2p over gloo gives wrong gradients (measured)
 
 
-class MegatronZeRO:
+class MegatronZeRO(WholeParameters):
     def __init__(self, model: nn.Module | list[nn.Module], model_cfg: ModelConfig,
                  moe: MoEConfig, optim: OptimConfig, ctx: ParallelContext,
                  layout: ParallelLayout):

@@ -11,6 +11,7 @@ from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_
 from torch import nn
 
 from megatron_ecdit.config import OptimConfig
+from megatron_ecdit.parallel.backends import WholeParameters
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -27,7 +28,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 
-class TorchOptimizer:
+class TorchOptimizer(WholeParameters):
     """One process: a torch optimizer with global-norm gradient clipping."""
 
     checkpoint_format = "torch"
@@ -76,8 +77,9 @@ def initialise_state(optimizer: torch.optim.Optimizer) -> None:
     """Create a fresh optimizer's state tensors (to save them before the first step, or to load
     a checkpoint into) by a step of lr 0 on zero gradients, which leaves the parameters exactly
     unchanged and the moments zero; the step count is set back to 0, so the state is exactly
-    the one the first real step would create. No-op if state exists."""
-    if optimizer.state:
+    the one the first real step would create. No-op if state exists (DeepSpeed may have
+    created empty entries for its flat partitions)."""
+    if all(optimizer.state.get(p) for group in optimizer.param_groups for p in group["params"]):
         return
     lrs = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
