@@ -55,11 +55,24 @@ def _shard_count(module: nn.Module, sizes: dict[str, int]) -> ParamCount:
     return ParamCount(dense, expert)
 
 
+class _OneRank:
+    """A process group of one rank, standing in for every group of the unsharded parts: given
+    no group, megatron-core's layers fall back to its global groups where those exist."""
+
+    def size(self) -> int:
+        return 1
+
+    def rank(self) -> int:
+        return 0
+
+
 @functools.lru_cache(maxsize=64)
 def _parts(model_json: str, moe_json: str) -> dict[str, nn.Module]:
     model = ModelConfig(**json.loads(model_json))
     moe = MoEConfig(**json.loads(moe_json))
-    ctx = ParallelContext()  # megatron marks TP weights only when it initialises them
+    one = _OneRank()
+    # Initialised (not ParallelContext.meta()): megatron-core marks TP weights only then.
+    ctx = ParallelContext(tp_group=one, ep_group=one, expert_tp_group=one)
     with torch.device("meta"):
         ends = ECDiT(model, moe, ctx, layers=range(0))
         parts = {"embedders": nn.ModuleList([ends.t_embedder, ends.caption_proj]),

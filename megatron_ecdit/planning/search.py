@@ -54,7 +54,7 @@ def candidates(cfg: Config, cluster: Cluster, global_batch: int,
         mbs = choice.pop("micro_batch_size")
         zero, stage = choice.pop("backend")
         dp = world // (choice["tp"] * choice["pp"])
-        if global_batch % (mbs * dp):
+        if dp == 0 or global_batch % (mbs * dp):
             continue
         trial = copy.deepcopy(cfg)
         for key, value in choice.items():
