@@ -36,5 +36,6 @@ setup(
         "ecdit-preprocess=megatron_ecdit.tools.preprocess_shards:main",
         "ecdit-count-params=megatron_ecdit.tools.count_params:main",
         "ecdit-make-shards=megatron_ecdit.tools.make_synthetic_shards:main",
+        "ecdit-plan=megatron_ecdit.tools.plan_layout:main",
     ]},
 )

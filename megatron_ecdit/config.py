@@ -82,6 +82,11 @@ PoolKind = Literal["sample", "group", "micro_batch"]
 GateKind = Literal["raw", "renormalized"]
 RouterInput = Literal["hidden", "timestep_and_hidden"]
 Activation = Literal["gelu", "swiglu"]
+Recompute = Literal["none", "full", "moe_only"]
+
+# A value a config must be given (OmegaConf's mark): the paper-size configs leave their data,
+# text-encoder and VAE paths at this, and loading refuses it, naming each key to set.
+MISSING = "???"
 
 
 @dataclass
@@ -155,7 +160,9 @@ class ParallelConfig:
     zero_stage: int = 1
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
-    activation_checkpointing: bool = False
+    # Recompute in backward instead of keeping activations: "full" keeps only each block's input
+    # and reruns the block; "moe_only" reruns each MoE layer (its (E, N, D) buffers dominate).
+    activation_checkpointing: Recompute = "none"
 
 
 @dataclass
@@ -348,9 +355,10 @@ def paper_model(size: str, num_experts: int) -> tuple[ModelConfig, MoEConfig]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
-                base: Optional[dict[str, Any]] = None) -> Config:
+                base: Optional[dict[str, Any]] = None, allow_missing: bool = False) -> Config:
     """Build a Config from an optional YAML file (or `base`, e.g. a checkpoint's saved config)
-    and `key.sub=value` overrides, then validate."""
+    and `key.sub=value` overrides, then validate. A key left at MISSING ("???") is an error
+    unless `allow_missing` (for tools that only read the model and layout, e.g. the planner)."""
     raw: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         path = Path(path)
@@ -377,7 +385,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as err:
             raise ConfigError(f"override {key!r}: value {value!r} is not valid YAML "
                               f"({err.problem if hasattr(err, 'problem') else err})") from None
-    return _build(Config, raw, "").validate()
+    cfg = _build(Config, raw, "").validate()
+    missing = missing_keys(cfg)
+    if missing and not allow_missing:
+        raise ConfigError(f"required config keys are not set: {', '.join(missing)} (set each "
+                          f"in the file or as an override, e.g. {missing[0]}=/path/to/it)")
+    return cfg
+
+
+def missing_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the fields still at MISSING."""
+    found = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            found += missing_keys(value, f"{prefix}{f.name}.")
+        elif value == MISSING:
+            found.append(f"{prefix}{f.name}")
+    return found
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:

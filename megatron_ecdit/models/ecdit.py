@@ -25,6 +25,7 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
                                                     gather_from_sequence_parallel_region,
                                                     scatter_to_sequence_parallel_region)
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron_ecdit.config import ModelConfig, MoEConfig
 from megatron_ecdit.models.attention import Attention
@@ -77,6 +78,7 @@ class ECDiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ffn = build_ffn(ctx, d, model.ffn_size, moe, capacity_factor, model.cond_size)
         self.modulation = AdaLNModulation(ctx, model.cond_size, d, 6)
+        self.recompute = ctx.recompute
 
     @property
     def is_moe(self) -> bool:
@@ -84,12 +86,25 @@ class ECDiTBlock(nn.Module):
 
     def forward(self, x_SBD: torch.Tensor, c_BDc: torch.Tensor, text_LBD: torch.Tensor,
                 text_mask_BL: torch.Tensor) -> tuple[torch.Tensor, FFNOutput]:
+        # Recompute keeps only the inputs and reruns in backward (torch's non-reentrant
+        # checkpoint: any outputs, and the collectives of TP/SP/EP simply run again).
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return checkpoint(self._forward, x_SBD, c_BDc, text_LBD, text_mask_BL,
+                              use_reentrant=False)
+        return self._forward(x_SBD, c_BDc, text_LBD, text_mask_BL)
+
+    def _forward(self, x_SBD: torch.Tensor, c_BDc: torch.Tensor, text_LBD: torch.Tensor,
+                 text_mask_BL: torch.Tensor) -> tuple[torch.Tensor, FFNOutput]:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c_BDc)
         x_SBD = x_SBD + gate1[None] * self.self_attn(modulate(self.norm1(x_SBD), shift1, scale1))
         x_SBD = x_SBD + self.cross_attn(self.norm_cross(x_SBD), text_LBD, text_mask_BL)
         normed = self.norm2(x_SBD)
-        ffn = self.ffn(modulate(normed, shift2, scale2),
-                       router_x_SBD=normed if self.router_reads_hidden else None, cond_BDc=c_BDc)
+        ffn_inputs = (modulate(normed, shift2, scale2),
+                      normed if self.router_reads_hidden else None, c_BDc)
+        if self.recompute == "moe_only" and self.is_moe and torch.is_grad_enabled():
+            ffn = checkpoint(self.ffn, *ffn_inputs, use_reentrant=False)
+        else:
+            ffn = self.ffn(*ffn_inputs)
         return x_SBD + gate2[None] * ffn.output, ffn
 
 
@@ -210,3 +225,13 @@ def stage_layers(num_layers: int, pp: int, vpp: int, pp_rank: int, chunk: int) -
     per_chunk = num_layers // (pp * vpp)
     start = (chunk * pp + pp_rank) * per_chunk
     return range(start, start + per_chunk)
+
+
+def stage_chunks(model: ModelConfig, moe: MoEConfig, ctx: ParallelContext, pp: int, vpp: int,
+                 pp_rank: int) -> list[ECDiT]:
+    """The model chunks of pipeline rank `pp_rank`: one per virtual stage, the patch embedding
+    on the very first and the final layer on the very last."""
+    return [ECDiT(model, moe, ctx, layers=stage_layers(model.num_layers, pp, vpp, pp_rank, v),
+                  pre_process=pp_rank == 0 and v == 0,
+                  post_process=pp_rank == pp - 1 and v == vpp - 1)
+            for v in range(vpp)]

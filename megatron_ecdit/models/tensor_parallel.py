@@ -39,6 +39,8 @@ class ParallelContext:
     tp_group: Optional[dist.ProcessGroup] = None
     ep_group: Optional[dist.ProcessGroup] = None
     expert_tp_group: Optional[dist.ProcessGroup] = None
+    # Activation recompute per block: "none", "full" (the block) or "moe_only" (its MoE layer).
+    recompute: str = "none"
 
     @property
     def tp_size(self) -> int:

@@ -25,6 +25,7 @@ class ParallelLayout:
     etp: int = 1
     zero: str = "megatron"
     zero_stage: int = 1
+    recompute: str = "none"  # activation recompute per block (parallel.activation_checkpointing)
 
     @property
     def dp(self) -> int:
@@ -115,4 +116,5 @@ class ParallelLayout:
         if world_size > 1 and cfg.optim.name != "adamw":
             raise ConfigError(f"optim.name={cfg.optim.name} runs in one process only; the "
                               f"data-parallel backends (parallel.zero) use adamw")
-        return cls(world_size, p.tp, p.sp, p.pp, p.vpp, p.ep, etp, p.zero, p.zero_stage)
+        return cls(world_size, p.tp, p.sp, p.pp, p.vpp, p.ep, etp, p.zero, p.zero_stage,
+                   p.activation_checkpointing)

@@ -81,6 +81,11 @@ def initialize_parallel(layout: ParallelLayout) -> ParallelContext:
             expert_model_parallel_size=layout.ep,
             expert_tensor_parallel_size=layout.etp)
         _groups_for = degrees
+    return parallel_context(layout)
+
+
+def parallel_context(layout: ParallelLayout) -> ParallelContext:
+    """The context models are built with, from megatron-core's groups (already created)."""
     mp_config = ModelParallelConfig(
         tensor_model_parallel_size=layout.tp,
         sequence_parallel=layout.sp,
@@ -95,7 +100,8 @@ def initialize_parallel(layout: ParallelLayout) -> ParallelContext:
         mp_config=mp_config,
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         ep_group=parallel_state.get_expert_model_parallel_group(),
-        expert_tp_group=parallel_state.get_expert_tensor_parallel_group())
+        expert_tp_group=parallel_state.get_expert_tensor_parallel_group(),
+        recompute=layout.recompute)
 
 
 def data_parallel_rank_and_size() -> tuple[int, int]:

@@ -42,7 +42,7 @@ from megatron_ecdit.diffusion.rectified_flow import add_noise, flow_matching_los
 from megatron_ecdit.diffusion.sampling import noise_from_seed, sample, timestep_grid
 from megatron_ecdit.encoders.text import TextEncoder
 from megatron_ecdit.encoders.vae import Autoencoder, build_vae
-from megatron_ecdit.models.ecdit import ECDiT, stage_layers
+from megatron_ecdit.models.ecdit import ECDiT, stage_chunks
 from megatron_ecdit.models.embedders import patchify
 from megatron_ecdit.moe.layer import set_aux_grad_scale
 from megatron_ecdit.parallel.backends import OptimizerBackend, build_backend
@@ -101,13 +101,8 @@ class Job:
     def _pipeline_chunks(self, ctx) -> list[ECDiT]:
         """This rank's model chunks (stages of blocks); the conditioning embedders replicated
         on every stage are drawn by name, so they start, and stay, identical."""
-        lay, m = self.layout, self.cfg.model
-        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-        return [ECDiT(m, self.cfg.moe, ctx,
-                      layers=stage_layers(m.num_layers, lay.pp, lay.vpp, pp_rank, v),
-                      pre_process=pp_rank == 0 and v == 0,
-                      post_process=pp_rank == lay.pp - 1 and v == lay.vpp - 1)
-                for v in range(lay.vpp)]
+        return stage_chunks(self.cfg.model, self.cfg.moe, ctx, self.layout.pp, self.layout.vpp,
+                            parallel_state.get_pipeline_model_parallel_rank())
 
     def _derive_model_inputs(self) -> None:
         """The model's input channels, size and text width follow the frozen encoders."""

@@ -1,0 +1,14 @@
+"""Layout planning for EC-DiT: what one rank holds, stores and computes at a parallel layout.
+
+    params.py       parameters of one rank, counted from the real modules on the meta device
+                    and cut by the same split rule as the code (models/param_tags.splits_of)
+    activations.py  bytes autograd saves per block and micro-batch (checked against
+                    saved_tensors_hooks: measure.py)
+    estimate.py     one layout on one cluster: memory per GPU itemised, FLOPs, communication,
+                    a predicted step time and MFU, under stated assumptions
+    search.py       every layout ParallelLayout.build accepts, estimated and ranked
+
+The planner models the code as it runs: fp32 parameters (bf16 is autocast), megatron-core's
+distributed optimizer or DeepSpeed ZeRO, the EMA copy, expert-choice buffers of exactly
+C tokens per expert and pool. It refuses nothing itself: ParallelLayout.build does.
+"""

@@ -1,0 +1,289 @@
+"""One layout on one cluster: memory per GPU, FLOPs, communication, step time and MFU.
+
+Memory follows the code as it runs (per parameter held by a rank, P = dense + expert):
+    weights 4 P (fp32 parameters; bf16 is autocast) + EMA 4 P (fp32 copy on every rank)
+    megatron-core (distributed optimizer): gradients 4 P (fp32 grad buffer), Adam moments
+        8 P_dense / DP + 8 P_expert / EDP (ZeRO-1) or 8 P (zero_stage 0); fp32 master weights
+        are the parameters themselves
+    DeepSpeed ZeRO-1/2: gradients 4 P (ZeRO-1) or partitioned (ZeRO-2), fp32 master copy and
+        moments 12 P_dense / DP + 12 P_expert / EDP, two 5e8-element fp32 buckets at most
+    activations: activations.py per block, times the micro-batches a pipeline stage holds
+        (1F1B: pp - stage; interleaved: megatron's warm-up count of chunks), plus one
+        recomputed block, the text/caption/final-layer tensors and the largest collective buffer
+    reserved: CUDA context, NCCL and allocator fragmentation (a stated constant)
+The worst pipeline stage decides.
+
+Time: compute at peak x an efficiency that grows with the rows of a GEMM (tokens per expert
+per GEMM caps the expert GEMMs), plus TP, EP and PP traffic on the critical path, the pipeline
+bubble, and the data-parallel gradient reduction (not overlapped: the job runs megatron-core's
+DDP without overlap). Links: NVLink inside a node, a stated bandwidth between nodes; a group
+whose ranks span nodes runs at the inter-node rate. Every constant is in `Cluster` and printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from megatron_ecdit.config import Config
+from megatron_ecdit.models.ecdit import stage_layers
+from megatron_ecdit.parallel.layout import ParallelLayout
+from megatron_ecdit.planning import activations as act
+from megatron_ecdit.planning.params import ParamCount, rank_params
+
+GiB = 1024 ** 3
+DEEPSPEED_BUCKET = 500_000_000  # elements: DeepSpeed's default reduce and all-gather buckets
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int = 8
+    gpu_memory_gib: float = 80.0
+    gpu_tflops: float = 989.0  # peak dense bf16 (H100 SXM)
+    nvlink_gb_s: float = 300.0  # achievable bus bandwidth per GPU inside a node
+    internode_gb_s: float = 40.0  # per GPU between nodes (8 x 400 Gb/s NICs per node, ~80%)
+    reserved_gib: float = 6.0  # CUDA context, NCCL buffers, allocator fragmentation
+    max_gemm_efficiency: float = 0.6  # of peak, for large bf16 GEMMs in eager PyTorch
+    half_efficiency_rows: int = 512  # a GEMM with this many rows reaches half of that
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def efficiency(self, rows: float) -> float:
+        return self.max_gemm_efficiency * rows / (rows + self.half_efficiency_rows)
+
+    def bandwidth(self, span: int) -> float:
+        """Bytes/s of a group whose ranks lie within `span` consecutive ranks."""
+        inside = span <= self.gpus_per_node
+        return (self.nvlink_gb_s if inside else self.internode_gb_s) * 1e9
+
+    def assumptions(self) -> list[str]:
+        return [f"{self.nodes} nodes x {self.gpus_per_node} GPUs, {self.gpu_memory_gib:g} GiB "
+                f"each, {self.reserved_gib:g} GiB reserved (CUDA context, NCCL, fragmentation)",
+                f"peak {self.gpu_tflops:g} TFLOP/s bf16; a GEMM of r rows runs at "
+                f"{self.max_gemm_efficiency:g} x r / (r + {self.half_efficiency_rows}) of peak",
+                f"links: {self.nvlink_gb_s:g} GB/s per GPU inside a node (NVLink), "
+                f"{self.internode_gb_s:g} GB/s per GPU between nodes; a group spanning nodes "
+                "runs at the inter-node rate; no overlap of communication with compute",
+                "fp32 parameters, gradients and EMA (bf16 autocast for compute); Adam moments "
+                "fp32; rank order tp-ep-dp-pp (megatron-core)"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the planner varies besides the degrees: batch split and compute dtype."""
+
+    global_batch: int
+    micro_batch: int
+    precision: str = "bf16"
+
+    def num_microbatches(self, dp: int) -> int:
+        return self.global_batch // (self.micro_batch * dp)
+
+
+@dataclass
+class Estimate:
+    layout: ParallelLayout
+    run: Run
+    num_microbatches: int
+    params: ParamCount  # on the worst stage's ranks
+    memory: dict[str, float]  # bytes per GPU, itemised, worst stage
+    flops: float  # executed per step, all GPUs (recompute included)
+    model_flops: float  # 3 x forward per step, all GPUs
+    comm: dict[str, float]  # bytes sent per GPU per step
+    times: dict[str, float]  # seconds per step, itemised
+    expert_gemm_rows: int  # tokens per expert per GEMM
+    peak_flops: float  # per GPU, FLOP/s
+    fits: bool = True
+
+    @property
+    def memory_total(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def step_time(self) -> float:
+        return sum(self.times.values())
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops / (self.step_time * self.layout.world_size * self.peak_flops)
+
+
+def _shape(cfg: Config, layout: ParallelLayout, run: Run) -> act.Shape:
+    tokens = round(cfg.model.num_patches * (1 - cfg.diffusion.mask_ratio))
+    return act.Shape(run.micro_batch, tokens, cfg.text_encoder.max_length, layout.tp,
+                     layout.sp, layout.etp, 2 if run.precision == "bf16" else 4)
+
+
+def _capacity_factors(cfg: Config) -> dict[int, float]:
+    moe_layers = cfg.moe.moe_layer_indices(cfg.model.num_layers)
+    return {i: cfg.moe.capacity_factor_of(k) for k, i in enumerate(moe_layers)}
+
+
+def forward_flops(cfg: Config, shape: act.Shape) -> tuple[float, float]:
+    """(dense, expert) FLOPs of one forward pass of a micro-batch through the whole network:
+    f_c experts' worth of tokens at MoE blocks, the router, self- and cross-attention, adaLN
+    once per image (Megatron's 2 x rows x in x out per GEMM)."""
+    m, moe = cfg.model, cfg.moe
+    b, S, L, D = shape.batch, shape.tokens, shape.text_tokens, m.hidden_size
+    kv = m.num_kv_heads * m.head_dim
+    attn = (2 * b * S * (2 * D * D + 2 * D * kv) + 4 * b * S * S * D  # self
+            + 2 * b * S * 2 * D * D + 2 * b * L * 2 * D * kv + 4 * b * S * L * D)  # cross
+    adaln = 2 * b * m.cond_size * 6 * D
+    ffn = 2 * b * S * 2 * D * m.ffn_size
+    full = dataclasses.replace(shape, tp=1, sp=False, etp=1)
+    factors = _capacity_factors(cfg)
+    dense = expert = 0.0
+    for i in range(m.num_layers):
+        dense += attn + adaln
+        if i in factors:
+            expert += act.expert_tokens(full, moe, factors[i]) * 2 * 2 * D * m.ffn_size
+            dense += 2 * b * S * D * moe.num_experts
+        else:
+            dense += ffn
+    dense += 2 * b * L * (m.text_dim * D + D * D) + 2 * b * S * D * m.patch_size ** 2 * m.in_channels
+    return dense, expert
+
+
+def estimate(cfg: Config, layout: ParallelLayout, cluster: Cluster, run: Run) -> Estimate:
+    m, moe, lay = cfg.model, cfg.moe, layout
+    shape = _shape(cfg, lay, run)
+    nmb = run.num_microbatches(lay.dp)
+    cbytes = shape.compute_bytes
+    factors = _capacity_factors(cfg)
+
+    # ---- memory, per pipeline stage; the worst one decides
+    worst: tuple[float, dict, ParamCount] | None = None
+    for r in range(lay.pp):
+        p = rank_params(m, moe, tp=lay.tp, pp=lay.pp, vpp=lay.vpp, ep=lay.ep, etp=lay.etp,
+                        pp_rank=r)
+        mem = {"weights": 4 * p.total, "ema": 4 * p.total}
+        mem.update(_model_states(lay, p))
+        blocks = [i for v in range(lay.vpp) for i in stage_layers(m.num_layers, lay.pp, lay.vpp, r, v)]
+        per_mb = sum(act.block_bytes(m, moe, shape, factors.get(i), lay.recompute) for i in blocks)
+        chunk = per_mb / lay.vpp
+        in_flight = _chunks_in_flight(lay, nmb, r)
+        extra = act.stage_extra_bytes(m, shape, r == 0, r == lay.pp - 1) * lay.vpp
+        mem["activations"] = chunk * in_flight + extra * min(in_flight, lay.vpp * nmb)
+        mem["recompute_peak"] = max((act.recompute_peak(m, moe, shape, factors.get(i), lay.recompute)
+                                     for i in blocks), default=0)
+        mem["collective_buffers"] = _buffers(cfg, lay, shape, p)
+        mem["reserved"] = cluster.reserved_gib * GiB
+        total = sum(mem.values())
+        if worst is None or total > worst[0]:
+            worst = (total, mem, p)
+    _, memory, params = worst
+
+    # ---- FLOPs
+    dense_f, expert_f = forward_flops(cfg, shape)
+    micro_total = run.global_batch // run.micro_batch
+    model_flops = 3 * (dense_f + expert_f) * micro_total
+    redo = {"none": 0.0, "full": dense_f + expert_f, "moe_only": expert_f}[lay.recompute]
+    flops = model_flops + redo * micro_total
+
+    # ---- GEMM sizes and compute time
+    world = lay.world_size
+    rows_dense = shape.batch * shape.tokens
+    rows_expert = 0
+    if factors:
+        pools, capacity = act.pools_capacity(shape, moe, max(factors.values()))
+        rows_expert = lay.ep * pools * capacity
+    expert_share = expert_f / (dense_f + expert_f) if expert_f else 0.0
+    peak = cluster.gpu_tflops * 1e12
+    per_gpu = flops / world
+    compute = (per_gpu * (1 - expert_share) / (peak * cluster.efficiency(rows_dense))
+               + (per_gpu * expert_share / (peak * cluster.efficiency(rows_expert))
+                  if rows_expert else 0.0))
+
+    # ---- communication per GPU per step, and its time
+    comm, times = _communication(cfg, lay, cluster, shape, nmb, params, factors)
+    bubble = (lay.pp - 1) / (lay.vpp * nmb) if lay.pp > 1 else 0.0
+    times = {"compute": compute, **times}
+    on_path = compute + times.get("tp", 0) + times.get("ep", 0) + times.get("pp", 0)
+    times["pipeline_bubble"] = on_path * bubble
+    est = Estimate(lay, run, nmb, params, memory, flops, model_flops, comm, times, rows_expert,
+                   peak)
+    est.fits = est.memory_total <= cluster.gpu_memory_gib * GiB
+    return est
+
+
+def _chunks_in_flight(lay: ParallelLayout, nmb: int, r: int) -> int:
+    """Model-chunk micro-batches whose activations stage r holds at once (megatron-core's
+    warm-up counts: 1F1B pp - r; interleaved 2 (pp - r - 1) + (vpp - 1) pp + 1)."""
+    if lay.pp == 1:
+        return 1  # gradient accumulation: one micro-batch at a time
+    if lay.vpp == 1:
+        return min(nmb, lay.pp - r)
+    return min(nmb * lay.vpp, 2 * (lay.pp - r - 1) + (lay.vpp - 1) * lay.pp + 1)
+
+
+def _model_states(lay: ParallelLayout, p: ParamCount) -> dict[str, float]:
+    sharded = p.dense / lay.dp + p.expert / lay.expert_dp
+    if lay.zero == "megatron":
+        return {"gradients": 4 * p.total,
+                "optimizer": 8 * (sharded if lay.zero_stage >= 1 else p.total)}
+    grads = 4 * (sharded if lay.zero_stage >= 2 else p.total)
+    return {"gradients": grads, "optimizer": 12 * sharded}
+
+
+def _buffers(cfg: Config, lay: ParallelLayout, s: act.Shape, p: ParamCount) -> float:
+    """The largest temporary of a collective: an SP all-gather of the sequence, an expert
+    all-to-all's receive buffer, or DeepSpeed's reduce and all-gather buckets."""
+    full = s.batch * s.tokens * cfg.model.hidden_size * s.compute_bytes
+    biggest = full if lay.sp else 0
+    if lay.ep > 1:
+        factors = _capacity_factors(cfg).values()
+        rows = max(act.expert_tokens(s, cfg.moe, f) for f in factors)
+        biggest = max(biggest, rows * cfg.model.hidden_size * s.compute_bytes)
+    if lay.zero == "deepspeed":
+        biggest += 2 * 4 * min(DEEPSPEED_BUCKET, p.total)
+    return biggest
+
+
+def _communication(cfg: Config, lay: ParallelLayout, cluster: Cluster, s: act.Shape, nmb: int,
+                   p: ParamCount, factors: dict[int, float]) -> tuple[dict, dict]:
+    """Bytes each GPU sends per step, per kind, and their time on the links the group spans."""
+    m = cfg.model
+    a = s.batch * s.tokens * m.hidden_size * s.compute_bytes  # one hidden state, full sequence
+    moe_here = len(factors) / lay.pp
+    dense_here = m.num_layers / lay.pp - moe_here
+    rows = max((act.expert_tokens(s, cfg.moe, f) for f in factors.values()), default=0)
+    buffer = rows * m.hidden_size * s.compute_bytes  # one (E, N, D) expert buffer
+    # forward + backward, and a recomputed forward
+    passes = 3 if lay.recompute == "full" else 2
+    moe_passes = 3 if lay.recompute in ("full", "moe_only") else 2
+    comm: dict[str, float] = {}
+    times: dict[str, float] = {}
+
+    def ring(size: int) -> float:  # bytes a rank sends per byte all-reduced over `size` ranks
+        return 2 * (size - 1) / size
+
+    if lay.tp > 1:
+        # All-reduce (all-gather + reduce-scatter under SP) after self-attention,
+        # cross-attention and the dense FFN; the EC layer gathers and scatters the sequence
+        # under SP and reduces the expert outputs over expert-TP.
+        moe_layer = (2 * a if lay.sp else 0) + buffer
+        volume = nmb * ring(lay.tp) * (passes * (3 * a * dense_here + 2 * a * moe_here)
+                                       + moe_passes * moe_layer * moe_here)
+        comm["tp"] = volume
+        times["tp"] = volume / cluster.bandwidth(lay.tp)
+    if lay.ep > 1:  # dispatch and combine all-to-alls, both directions
+        volume = nmb * moe_here * moe_passes * 2 * buffer * (lay.ep - 1) / lay.ep
+        comm["ep"] = volume
+        peers_inside = min(lay.ep, max(cluster.gpus_per_node // lay.tp, 1)) - 1
+        inside = peers_inside / (lay.ep - 1)
+        times["ep"] = (volume * inside / (cluster.nvlink_gb_s * 1e9)
+                       + volume * (1 - inside) / (cluster.internode_gb_s * 1e9))
+    if lay.pp > 1:  # hidden states (fp32: the pipeline dtype) forward, gradients back
+        volume = nmb * lay.vpp * 2 * 2 * a / (lay.tp if lay.sp else 1)
+        comm["pp"] = volume
+        times["pp"] = volume / cluster.bandwidth(lay.world_size // lay.pp + 1)
+    if lay.world_size > lay.pp * lay.tp or lay.expert_dp > 1:
+        # Reduce-scatter of fp32 gradients + all-gather of fp32 parameters (ZeRO-1), or an
+        # all-reduce (zero_stage 0): the same bytes per rank. Both groups span world / pp ranks.
+        volume = 4 * p.dense * ring(lay.dp) + 4 * p.expert * ring(lay.expert_dp)
+        comm["dp"] = volume
+        times["dp"] = volume / cluster.bandwidth(lay.world_size // lay.pp)
+    return comm, times
