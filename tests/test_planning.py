@@ -114,12 +114,17 @@ def test_planner_recommends_for_m_64e_the_layout_in_its_config(capsys):
 
 
 def test_planner_never_recommends_a_layout_the_job_refuses():
-    """DeepSpeed ZeRO-3 is refused by ParallelLayout.build today: pinned, nothing is left."""
+    """DeepSpeed ZeRO-3 with expert parallelism, or DeepSpeed with pipelining, is refused by
+    ParallelLayout.build: pinned, nothing is left."""
     cfg = plan_layout.paper_config("XL-8E")
     from megatron_ecdit.planning.estimate import Cluster
     from megatron_ecdit.planning.search import plan
-    fitting, over = plan(cfg, Cluster(1), 256, fixed={"zero": "deepspeed", "zero_stage": 3})
-    assert fitting == [] and over == 0
+    for fixed in ({"zero": "deepspeed", "zero_stage": 3, "ep": 2},
+                  {"zero": "deepspeed", "pp": 2}):
+        fitting, over = plan(cfg, Cluster(1), 256, fixed=fixed)
+        assert fitting == [] and over == 0, fixed
+    fitting, _ = plan(cfg, Cluster(1), 256, fixed={"zero": "deepspeed", "zero_stage": 3})
+    assert fitting and all(e.layout.zero_stage == 3 for e in fitting)
     fitting, _ = plan(cfg, Cluster(1), 256, fixed={"tp": 2, "sp": True, "ep": 2})
     assert fitting and all(ParallelLayout.build(_as_config(cfg, e), 8) for e in fitting[:20])
 

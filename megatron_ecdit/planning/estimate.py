@@ -159,7 +159,13 @@ def estimate(cfg: Config, layout: ParallelLayout, cluster: Cluster, run: Run) ->
     for r in range(lay.pp):
         p = rank_params(m, moe, tp=lay.tp, pp=lay.pp, vpp=lay.vpp, ep=lay.ep, etp=lay.etp,
                         pp_rank=r)
-        mem = {"weights": 4 * p.total, "ema": 4 * p.total}
+        if lay.zero == "deepspeed" and lay.zero_stage == 3:
+            # parameters and EMA partitioned over DP, plus about one block's weights gathered
+            sharded = p.dense / lay.dp + p.expert / lay.expert_dp
+            one_block = p.total / (m.num_layers // lay.pp)
+            mem = {"weights": 4 * (sharded + one_block), "ema": 4 * sharded}
+        else:
+            mem = {"weights": 4 * p.total, "ema": 4 * p.total}
         mem.update(_model_states(lay, p))
         blocks = [i for v in range(lay.vpp) for i in stage_layers(m.num_layers, lay.pp, lay.vpp, r, v)]
         per_mb = sum(act.block_bytes(m, moe, shape, factors.get(i), lay.recompute) for i in blocks)
