@@ -158,8 +158,9 @@ class ParallelConfig:
     etp: Optional[int] = None  # expert tensor parallel size; None = tp
     zero: Literal["megatron", "deepspeed"] = "megatron"
     zero_stage: int = 1
+    # Reduce gradients bucket by bucket while backward still runs (megatron-core DDP's
+    # overlap_grad_reduce; DeepSpeed's overlap_comm). Data parallelism without pipelining.
     overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
     # Recompute in backward instead of keeping activations: "full" keeps only each block's input
     # and reruns the block; "moe_only" reruns each MoE layer (its (E, N, D) buffers dominate).
     activation_checkpointing: Recompute = "none"

@@ -37,6 +37,8 @@ def test_degrees_and_expert_grid():
     (2, ["parallel.zero=deepspeed", "parallel.zero_stage=3", "checkpoint.async_save=true"],
      "async_save does not work with DeepSpeed ZeRO-3"),
     (2, ["parallel.zero_stage=2"], "zero_stage 0 (DDP) or 1"),
+    (2, ["parallel.pp=2", "parallel.overlap_grad_reduce=true"],
+     "overlap_grad_reduce works with parallel.pp = 1 only"),
     (2, ["moe.num_experts=0", "parallel.ep=2"], "parallel.ep > 1 needs moe.num_experts > 0"),
 ])
 def test_impossible_layouts_name_the_constraint(world, overrides, message):

@@ -26,6 +26,7 @@ class ParallelLayout:
     zero: str = "megatron"
     zero_stage: int = 1
     recompute: str = "none"  # activation recompute per block (parallel.activation_checkpointing)
+    overlap_grad_reduce: bool = False  # gradients reduced while backward runs
 
     @property
     def dp(self) -> int:
@@ -113,8 +114,12 @@ class ParallelLayout:
         elif p.zero_stage not in (0, 1):
             raise ConfigError(f"parallel.zero=megatron supports zero_stage 0 (DDP) or 1 "
                               f"(distributed optimizer), got {p.zero_stage}")
+        if p.overlap_grad_reduce and p.pp > 1:
+            raise ConfigError("parallel.overlap_grad_reduce works with parallel.pp = 1 only: the "
+                              "conditioning embedders replicated on every stage must be summed "
+                              "over the pipeline before the data-parallel reduction starts")
         if world_size > 1 and cfg.optim.name != "adamw":
             raise ConfigError(f"optim.name={cfg.optim.name} runs in one process only; the "
                               f"data-parallel backends (parallel.zero) use adamw")
         return cls(world_size, p.tp, p.sp, p.pp, p.vpp, p.ep, etp, p.zero, p.zero_stage,
-                   p.activation_checkpointing)
+                   p.activation_checkpointing, p.overlap_grad_reduce)

@@ -91,4 +91,5 @@ def build_backend(layout: ParallelLayout, chunks: list[nn.Module], cfg: Config,
         return DeepSpeedZeRO(chunks[0], cfg.optim, layout, cfg.train.micro_batch_size,
                              cfg.train.num_microbatches)
     from megatron_ecdit.parallel.backends.megatron_ddp import MegatronZeRO
-    return MegatronZeRO(chunks, cfg.model, cfg.moe, cfg.optim, ctx, layout)
+    return MegatronZeRO(chunks, cfg.model, cfg.moe, cfg.optim, ctx, layout,
+                        cfg.train.num_microbatches)

@@ -130,7 +130,8 @@ class DeepSpeedZeRO:
         config = {"train_micro_batch_size_per_gpu": micro_batch_size,
                   "gradient_accumulation_steps": num_microbatches,
                   "gradient_clipping": optim.grad_clip,
-                  "zero_optimization": {"stage": layout.zero_stage},
+                  "zero_optimization": {"stage": layout.zero_stage,
+                                        "overlap_comm": layout.overlap_grad_reduce},
                   "steps_per_print": 2**31 - 1}
         self.engine = _deepspeed_engine(model, optimizer, config, expert_group)
         self.module = self.engine

@@ -47,7 +47,7 @@ def transformer_config(model: ModelConfig, moe: MoEConfig, ctx: ParallelContext,
 class MegatronZeRO(WholeParameters):
     def __init__(self, model: nn.Module | list[nn.Module], model_cfg: ModelConfig,
                  moe: MoEConfig, optim: OptimConfig, ctx: ParallelContext,
-                 layout: ParallelLayout):
+                 layout: ParallelLayout, num_microbatches: int = 1):
         self.checkpoint_format = f"megatron-zero{layout.zero_stage}"
         self.config = transformer_config(model_cfg, moe, ctx, layout)
         # `pipeline_parallel` grads are summed over the pipeline by _sum_replicated_embedder_grads,
@@ -55,7 +55,7 @@ class MegatronZeRO(WholeParameters):
         self.config.has_cond_embedder = False
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=layout.zero_stage >= 1,
-            overlap_grad_reduce=False, overlap_param_gather=False)
+            overlap_grad_reduce=layout.overlap_grad_reduce, overlap_param_gather=False)
         chunks = model if isinstance(model, list) else [model]
         self.modules = [DistributedDataParallel(self.config, ddp_config, chunk)
                         for chunk in chunks]
@@ -67,6 +67,8 @@ class MegatronZeRO(WholeParameters):
                             clip_grad=optim.grad_clip, bf16=False, params_dtype=torch.float32,
                             use_distributed_optimizer=layout.zero_stage >= 1),
             self.modules)
+        self.num_microbatches = num_microbatches
+        self._backwards = 0  # micro-batches since the last step (without pipelining)
 
     def zero_grad(self) -> None:
         for module in self.modules:
@@ -74,7 +76,15 @@ class MegatronZeRO(WholeParameters):
         self.optimizer.zero_grad()
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        """One micro-batch's backward (without pipelining; the schedules run their own). Only
+        the last micro-batch of a step reduces: with overlap_grad_reduce, its backward starts
+        each bucket's reduction as soon as the bucket's gradients are complete."""
+        self._backwards += 1
+        if self._backwards < self.num_microbatches:
+            with self.module.no_sync():
+                loss.backward()
+        else:
+            loss.backward()
 
     def _sum_replicated_embedder_grads(self) -> None:
         """Sum the gradients of the conditioning embedders replicated on every pipeline stage
@@ -110,8 +120,9 @@ class MegatronZeRO(WholeParameters):
 
     def step(self, lr: float) -> float:
         """Reduce grads across the groups, clip, and update; returns the global grad norm."""
+        self._backwards = 0
         self._sum_replicated_embedder_grads()
-        finalize_model_grads(self.modules)
+        finalize_model_grads(self.modules)  # waits for the overlapped reductions
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         _, grad_norm, _ = self.optimizer.step()
