@@ -27,6 +27,7 @@ setup(
         "tqdm",
         "tensorboard",
         "matplotlib",
+        "scikit-image",  # the GenEval-style detector (evaluation/geneval.py)
     ],
     # apex and Transformer Engine are optional: megatron-core uses them when present.
     extras_require={"test": ["pytest"]},
@@ -36,5 +37,6 @@ setup(
         "ecdit-preprocess=megatron_ecdit.tools.preprocess_shards:main",
         "ecdit-count-params=megatron_ecdit.tools.count_params:main",
         "ecdit-make-shards=megatron_ecdit.tools.make_synthetic_shards:main",
+        "ecdit-evaluate=megatron_ecdit.tools.evaluate:main",
     ]},
 )
