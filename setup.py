@@ -38,5 +38,6 @@ setup(
         "ecdit-count-params=megatron_ecdit.tools.count_params:main",
         "ecdit-make-shards=megatron_ecdit.tools.make_synthetic_shards:main",
         "ecdit-evaluate=megatron_ecdit.tools.evaluate:main",
+        "ecdit-sample=megatron_ecdit.tools.sample_ecdit:main",
     ]},
 )
