@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
 
 import check_checkpoints as cc  # noqa: E402
+from megatron_ecdit.evaluation.geneval import read_jsonl  # noqa: E402
 from megatron_ecdit.tools import convert_checkpoint, evaluate, sample_ecdit  # noqa: E402
 from megatron_ecdit.training.trainer import train  # noqa: E402
 
@@ -29,7 +30,7 @@ def run(tmp_path_factory, ctx):
 def test_samples_equal_the_end_of_training_images(run, tmp_path, capsys):
     assert sample_ecdit.main([str(run / "checkpoints"), str(tmp_path / "a")]) == 0
     assert (tmp_path / "a/grid.png").read_bytes() == (run / "samples.png").read_bytes()
-    records = [json.loads(line) for line in (tmp_path / "a/metadata.jsonl").read_text().splitlines()]
+    records = read_jsonl(tmp_path / "a/metadata.jsonl")
     assert [r["prompt"] for r in records] == ["a red circle", "a blue square and a green triangle",
                                               "three yellow circles"]
     assert all((tmp_path / "a" / r["image"]).is_file() and r["seed"] == 0 for r in records)
@@ -42,13 +43,13 @@ def test_samples_equal_the_end_of_training_images(run, tmp_path, capsys):
 
 def test_geneval_prompts_are_sampled_with_their_metadata_and_scored(run, tmp_path, capsys):
     prompts = ROOT / "examples/prompts/geneval_synthetic.jsonl"
-    first = [json.loads(line) for line in prompts.read_text().splitlines()][::16]  # one a task
+    first = read_jsonl(prompts)[::16]  # one prompt of each task
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first))
     assert sample_ecdit.main([str(run / "checkpoints"), str(tmp_path / "s"), "--prompts",
                               str(tmp_path / "p.jsonl"), "--images-per-prompt", "2",
                               "--batch-size", "4", "--capacity-factor", "1", "3",
                               "--steps", "1"]) == 0
-    records = [json.loads(line) for line in (tmp_path / "s/metadata.jsonl").read_text().splitlines()]
+    records = read_jsonl(tmp_path / "s/metadata.jsonl")
     assert len(records) == 12 and [r["seed"] for r in records] == [0] * 6 + [1] * 6
     assert all(r["capacity_factors"] == [1.0, 3.0] and r["steps"] == 1 for r in records)
     assert [{k: r[k] for k in f} for r, f in zip(records, first * 2)] == first * 2
