@@ -22,13 +22,12 @@ from megatron_ecdit.evaluation.geneval import (
 from megatron_ecdit.tools import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE = 32  # the demo's resolution, the hardest case: objects of 11-16 px
 
 
-@pytest.fixture(scope="module")
-def scenes():
+@pytest.fixture(scope="module", params=[32, 16])  # the demo's resolution and the tests' one
+def scenes(request):
     rng = random.Random("test_evaluate")
-    return [render_scene(rng, SIZE) for _ in range(240)]
+    return [render_scene(rng, request.param) for _ in range(240)]
 
 
 def verdicts(scenes, image_of=lambda image, meta: image, meta_of=lambda meta: meta):
@@ -54,10 +53,10 @@ def test_detector_finds_each_object_with_its_shape_colour_and_box(scenes):
 
 def test_noise_and_blank_images_score_zero(scenes):
     rng = np.random.default_rng(0)
-    noise = summarize(verdicts(scenes, lambda image, meta: rng.integers(0, 256, (SIZE, SIZE, 3),
+    shape = (scenes[0][0].height, scenes[0][0].width, 3)
+    noise = summarize(verdicts(scenes, lambda image, meta: rng.integers(0, 256, shape,
                                                                          dtype=np.uint8)))
-    blank = summarize(verdicts(scenes, lambda image, meta: np.full((SIZE, SIZE, 3), 255,
-                                                                     np.uint8)))
+    blank = summarize(verdicts(scenes, lambda image, meta: np.full(shape, 255, np.uint8)))
     assert noise["overall"] <= 0.01 and max(noise["tasks"].values()) <= 0.05, noise
     assert blank["overall"] == 0.0, blank
 
@@ -67,7 +66,7 @@ def redrawn(change):
     def image_of(image, meta):
         objects = copy.deepcopy(meta["objects"])
         change(objects)
-        return draw_scene(objects, SIZE)
+        return draw_scene(objects, image.width)
     return image_of
 
 
