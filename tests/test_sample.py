@@ -30,6 +30,7 @@ def run(tmp_path_factory, ctx):
 def test_samples_equal_the_end_of_training_images(run, tmp_path, capsys):
     assert sample_ecdit.main([str(run / "checkpoints"), str(tmp_path / "a")]) == 0
     assert (tmp_path / "a/grid.png").read_bytes() == (run / "samples.png").read_bytes()
+    assert (tmp_path / "a/compute_map.png").read_bytes() == (run / "compute_map.png").read_bytes()
     records = read_jsonl(tmp_path / "a/metadata.jsonl")
     assert [r["prompt"] for r in records] == ["a red circle", "a blue square and a green triangle",
                                               "three yellow circles"]
@@ -48,7 +49,8 @@ def test_geneval_prompts_are_sampled_with_their_metadata_and_scored(run, tmp_pat
     assert sample_ecdit.main([str(run / "checkpoints"), str(tmp_path / "s"), "--prompts",
                               str(tmp_path / "p.jsonl"), "--images-per-prompt", "2",
                               "--batch-size", "4", "--capacity-factor", "1", "3",
-                              "--steps", "1"]) == 0
+                              "--steps", "1", "--compute-maps", "0"]) == 0
+    assert not (tmp_path / "s/compute_map.png").exists()
     records = read_jsonl(tmp_path / "s/metadata.jsonl")
     assert len(records) == 12 and [r["seed"] for r in records] == [0] * 6 + [1] * 6
     assert all(r["capacity_factors"] == [1.0, 3.0] and r["steps"] == 1 for r in records)

@@ -2,7 +2,8 @@
 
     ecdit-sample outputs/demo/checkpoints samples/ [--prompts FILE | --prompt TEXT ...] \
         [--seed 0] [--images-per-prompt 1] [--batch-size N] [--cfg-scale 4] [--steps 25] \
-        [--sampler euler|heun] [--capacity-factor F [F ...]] [--weights ema|model]
+        [--sampler euler|heun] [--capacity-factor F [F ...]] [--weights ema|model] \
+        [--compute-maps N]
     ecdit-evaluate score samples/
 (or python tools/sample_ecdit.py ...). The checkpoint is a training checkpoint of any layout (a
 `step_N` folder, a checkpoints folder or its `latest` pointer) or an exported consolidated
@@ -12,10 +13,12 @@ sample prompts. `--capacity-factor` overrides the trained capacity factors at in
 value for every MoE block or one per block.
 
 Images are made by the training job's own sampler (`Job.generate`: EMA weights loaded as the
-model, classifier-free guidance), a batch of prompts per seed, so the run's sample prompts at
-seed 0 give exactly the images it drew at the end of training. Writes OUT/NNNNN.png,
-OUT/grid.png and OUT/metadata.jsonl (each input record with its image, seed and settings, what
-ecdit-evaluate reads). One process.
+model, classifier-free guidance), a batch of prompts per seed (the noise of an image depends on
+its seed and its place in the batch; both are recorded), so the run's sample prompts at seed 0
+give exactly the images it drew at the end of training. Writes OUT/NNNNN.png, OUT/grid.png (the
+first 32 images), OUT/metadata.jsonl (each input record with its image, seed and settings: what
+ecdit-evaluate reads) and OUT/compute_map.png (experts per token for the first images, at the
+run's compute-map timesteps). One process.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from megatron_ecdit.checkpoint import distributed as checkpoints
 from megatron_ecdit.checkpoint.distributed import CheckpointError
 from megatron_ecdit.config import ConfigError, load_config
 from megatron_ecdit.evaluation.geneval import EvaluationError, read_jsonl
+
+GRID_IMAGES = 32  # grid.png shows the first images only
 
 
 def read_prompts(path: str) -> list[dict[str, Any]]:
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="one for every MoE block, or one per MoE block")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema",
                         help="of a training checkpoint (an exported folder has one set)")
+    parser.add_argument("--compute-maps", type=int, help="images in compute_map.png, from the "
+                        "first batch (default: the run's train.compute_map_prompts; 0: none)")
     args = parser.parse_args(argv)
     overrides = [f"diffusion.{key}={value}" for key, value in (
         ("cfg_scale", args.cfg_scale), ("sample_steps", args.steps), ("sampler", args.sampler))
@@ -109,33 +116,43 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generate(job, records: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> int:
-    from megatron_ecdit.training.visualize import save_sample_grid, to_uint8
+    import torch
+
+    from megatron_ecdit.training.visualize import save_compute_map, save_sample_grid, to_uint8
 
     cfg = job.cfg
+    num_moe = len(cfg.moe.moe_layer_indices(cfg.model.num_layers))
     settings = {"checkpoint": str(args.checkpoint), "weights": args.weights,
                 "cfg_scale": cfg.diffusion.cfg_scale, "steps": cfg.diffusion.sample_steps,
                 "sampler": cfg.diffusion.sampler,
-                "capacity_factors": [cfg.moe.capacity_factor_of(i) for i in
-                                     range(len(cfg.moe.moe_layer_indices(cfg.model.num_layers)))]}
+                "capacity_factors": [cfg.moe.capacity_factor_of(i) for i in range(num_moe)]}
     size = args.batch_size or len(records)
     batches = [(seed, start) for seed in range(args.seed, args.seed + args.images_per_prompt)
                for start in range(0, len(records), size)]
+    n_maps = cfg.train.compute_map_prompts if args.compute_maps is None else args.compute_maps
     out.mkdir(parents=True, exist_ok=True)
-    written, images_all = [], []
+    written, grid, wrote = [], [], ["grid.png", "metadata.jsonl"]
     for seed, start in tqdm(batches, desc="sample", unit="batch"):
         batch = records[start:start + size]
-        images, _ = job.generate([r["prompt"] for r in batch], seed=seed)
-        images_all.append(images)
+        prompts = [r["prompt"] for r in batch]
+        images, maps = job.generate(prompts, cfg.train.compute_map_timesteps, seed=seed)
+        if not written and n_maps > 0 and maps and next(iter(maps.values())):
+            save_compute_map(images[:n_maps], prompts[:n_maps],
+                             {t: {k: v[:n_maps] for k, v in layer_maps.items()}
+                              for t, layer_maps in maps.items()},
+                             cfg.moe.num_experts, out / "compute_map.png")
+            wrote.append("compute_map.png")
+        grid.append(images[:GRID_IMAGES - sum(len(g) for g in grid)])
         for j, (record, image) in enumerate(zip(batch, to_uint8(images))):
             name = f"{len(written):05d}.png"
             Image.fromarray(image).save(out / name)
             written.append({**record, "image": name, "seed": seed, "batch_index": j,
                             "batch_size": len(batch), **settings})
-    import torch
-
-    save_sample_grid(torch.cat(images_all), [r["prompt"] for r in written], out / "grid.png")
+    grid_images = torch.cat(grid)
+    save_sample_grid(grid_images, [r["prompt"] for r in written[:len(grid_images)]],
+                     out / "grid.png")
     (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in written))
-    print(f"wrote {len(written)} images, grid.png and metadata.jsonl to {out}/")
+    print(f"wrote {len(written)} images, {', '.join(wrote)} to {out}/")
     return 0
 
 
