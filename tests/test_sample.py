@@ -40,6 +40,9 @@ def test_samples_equal_the_end_of_training_images(run, tmp_path, capsys):
     assert (tmp_path / "b/grid.png").read_bytes() == (run / "samples.png").read_bytes()
     assert sample_ecdit.main([str(run / "checkpoints"), str(tmp_path / "c"), "--seed", "1"]) == 0
     assert (tmp_path / "c/grid.png").read_bytes() != (run / "samples.png").read_bytes()
+    assert sample_ecdit.main([str(run / "checkpoints"), str(tmp_path / "d"),
+                              "--precision", "bf16"]) == 0
+    assert (tmp_path / "d/grid.png").read_bytes() != (run / "samples.png").read_bytes()
 
 
 def test_geneval_prompts_are_sampled_with_their_metadata_and_scored(run, tmp_path, capsys):

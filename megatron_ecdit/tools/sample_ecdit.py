@@ -3,7 +3,7 @@
     ecdit-sample outputs/demo/checkpoints samples/ [--prompts FILE | --prompt TEXT ...] \
         [--seed 0] [--images-per-prompt 1] [--batch-size N] [--cfg-scale 4] [--steps 25] \
         [--sampler euler|heun] [--capacity-factor F [F ...]] [--weights ema|model] \
-        [--compute-maps N]
+        [--compute-maps N] [--precision fp32|bf16]
     ecdit-evaluate score samples/
 (or python tools/sample_ecdit.py ...). The checkpoint is a training checkpoint of any layout (a
 `step_N` folder, a checkpoints folder or its `latest` pointer) or an exported consolidated
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="one for every MoE block, or one per MoE block")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema",
                         help="of a training checkpoint (an exported folder has one set)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: the model runs under torch.autocast")
     parser.add_argument("--compute-maps", type=int, help="images in compute_map.png, from the "
                         "first batch (default: the run's train.compute_map_prompts; 0: none)")
     args = parser.parse_args(argv)
@@ -124,18 +127,21 @@ def generate(job, records: list[dict[str, Any]], args: argparse.Namespace, out: 
     num_moe = len(cfg.moe.moe_layer_indices(cfg.model.num_layers))
     settings = {"checkpoint": str(args.checkpoint), "weights": args.weights,
                 "cfg_scale": cfg.diffusion.cfg_scale, "steps": cfg.diffusion.sample_steps,
-                "sampler": cfg.diffusion.sampler,
+                "sampler": cfg.diffusion.sampler, "precision": args.precision,
                 "capacity_factors": [cfg.moe.capacity_factor_of(i) for i in range(num_moe)]}
     size = args.batch_size or len(records)
     batches = [(seed, start) for seed in range(args.seed, args.seed + args.images_per_prompt)
                for start in range(0, len(records), size)]
     n_maps = cfg.train.compute_map_prompts if args.compute_maps is None else args.compute_maps
+    autocast = (torch.autocast(job.device.type, dtype=torch.bfloat16)
+                if args.precision == "bf16" else nullcontext())
     out.mkdir(parents=True, exist_ok=True)
     written, grid, wrote = [], [], ["grid.png", "metadata.jsonl"]
     for seed, start in tqdm(batches, desc="sample", unit="batch"):
         batch = records[start:start + size]
         prompts = [r["prompt"] for r in batch]
-        images, maps = job.generate(prompts, cfg.train.compute_map_timesteps, seed=seed)
+        with autocast:
+            images, maps = job.generate(prompts, cfg.train.compute_map_timesteps, seed=seed)
         if not written and n_maps > 0 and maps and next(iter(maps.values())):
             save_compute_map(images[:n_maps], prompts[:n_maps],
                              {t: {k: v[:n_maps] for k, v in layer_maps.items()}
