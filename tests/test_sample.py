@@ -63,6 +63,17 @@ def test_geneval_prompts_are_sampled_with_their_metadata_and_scored(run, tmp_pat
     assert len(json.loads(capsys.readouterr().out)["images"]) == 12
 
 
+def test_prompts_from_the_command_line_or_a_text_file(run, tmp_path):
+    (tmp_path / "p.txt").write_text("a red circle\n\ntwo blue squares\n")
+    for name, args in (("cli", ["--prompt", "a red circle", "--prompt", "two blue squares"]),
+                       ("txt", ["--prompts", str(tmp_path / "p.txt")])):
+        assert sample_ecdit.main([str(run / "checkpoints"), str(tmp_path / name), *args,
+                                  "--steps", "1", "--compute-maps", "0"]) == 0
+        records = read_jsonl(tmp_path / name / "metadata.jsonl")
+        assert [r["prompt"] for r in records] == ["a red circle", "two blue squares"]
+    assert (tmp_path / "cli/00001.png").read_bytes() == (tmp_path / "txt/00001.png").read_bytes()
+
+
 @pytest.mark.parametrize("args,text", [
     (["--capacity-factor", "0"], "capacity_factor must be > 0"),
     (["--capacity-factor", "1", "-1"], "layer_capacity_factors must all be > 0"),
