@@ -27,6 +27,7 @@ setup(
         "tqdm",
         "tensorboard",
         "matplotlib",
+        "scikit-image",  # the GenEval-style detector (evaluation/geneval.py)
     ],
     # apex and Transformer Engine are optional: megatron-core uses them when present.
     extras_require={"test": ["pytest"]},
@@ -37,5 +38,7 @@ setup(
         "ecdit-count-params=megatron_ecdit.tools.count_params:main",
         "ecdit-make-shards=megatron_ecdit.tools.make_synthetic_shards:main",
         "ecdit-plan=megatron_ecdit.tools.plan_layout:main",
+        "ecdit-evaluate=megatron_ecdit.tools.evaluate:main",
+        "ecdit-sample=megatron_ecdit.tools.sample_ecdit:main",
     ]},
 )

@@ -37,7 +37,7 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, weights
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     common = distributed.read_common(checkpoint)
-    cfg = load_config(base=common["config"], overrides=_one_process())
+    cfg = load_config(base=common["config"], overrides=one_process_overrides())
     ctx = initialize_parallel(ParallelLayout.build(cfg, world_size=1))
     model = ECDiT(cfg.model, cfg.moe, ctx)
     distributed.load_weights(checkpoint, [model], which=weights)
@@ -53,7 +53,8 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, weights
     return out
 
 
-def _one_process() -> list[str]:
+def one_process_overrides() -> list[str]:
+    """Config overrides that turn a saved run's layout into one process."""
     return ["parallel.tp=1", "parallel.sp=false", "parallel.pp=1", "parallel.vpp=1",
             "parallel.ep=1", "parallel.etp=null"]
 
@@ -66,7 +67,7 @@ def read(folder: str | os.PathLike) -> tuple[Config, dict[str, torch.Tensor], di
             raise CheckpointError(f"{folder} is not a consolidated checkpoint: {name} is missing")
     try:
         meta = json.loads((folder / "config.json").read_text())
-        cfg = load_config(base=meta["config"], overrides=_one_process())
+        cfg = load_config(base=meta["config"], overrides=one_process_overrides())
     except (json.JSONDecodeError, KeyError) as err:
         raise CheckpointError(f"{folder}/config.json is corrupt: {err}") from None
     try:

@@ -102,7 +102,7 @@ def render_scene(rng: random.Random | np.random.Generator,
     meta: dict[str, Any] = dict(task=task, objects=objects)
     if relation is not None:
         meta["relation"] = relation
-    return _draw(objects, image_size), caption_from_metadata(meta), meta
+    return draw_scene(objects, image_size), caption_from_metadata(meta), meta
 
 
 def relation_of(a: list[int], b: list[int]) -> str | None:
@@ -153,7 +153,8 @@ def _layout(rng: random.Random, n: int, size: int, relation: str | None) -> list
             return boxes
 
 
-def _draw(objects: list[dict[str, Any]], size: int) -> Image.Image:
+def draw_scene(objects: list[dict[str, Any]], size: int) -> Image.Image:
+    """Draw objects ({shape, color, bbox}, as in a scene's metadata) on a white background."""
     big = Image.new("RGB", (size * SUPERSAMPLE,) * 2, BACKGROUND)
     draw = ImageDraw.Draw(big)
     for obj in objects:

@@ -1,0 +1,2 @@
+"""Scoring generated images: a GenEval-style detector and scorer for the synthetic shape domain
+(geneval.py)."""

@@ -1,0 +1,166 @@
+"""Generate images from a checkpoint: one PNG per image, a grid, and what was generated.
+
+    ecdit-sample outputs/demo/checkpoints samples/ [--prompts FILE | --prompt TEXT ...] \
+        [--seed 0] [--images-per-prompt 1] [--batch-size N] [--cfg-scale 4] [--steps 25] \
+        [--sampler euler|heun] [--capacity-factor F [F ...]] [--weights ema|model] \
+        [--compute-maps N] [--precision fp32|bf16]
+    ecdit-evaluate score samples/
+(or python tools/sample_ecdit.py ...). The checkpoint is a training checkpoint of any layout (a
+`step_N` folder, a checkpoints folder or its `latest` pointer) or an exported consolidated
+folder. Prompts come from a file (one per line, or GenEval metadata records as JSON lines,
+e.g. examples/prompts/geneval_synthetic.jsonl) or the command line; by default the run's own
+sample prompts. `--capacity-factor` overrides the trained capacity factors at inference: one
+value for every MoE block or one per block.
+
+Images are made by the training job's own sampler (`Job.generate`: EMA weights loaded as the
+model, classifier-free guidance), a batch of prompts per seed (the noise of an image depends on
+its seed and its place in the batch; both are recorded), so the run's sample prompts at seed 0
+give exactly the images it drew at the end of training. Writes OUT/NNNNN.png, OUT/grid.png (the
+first 32 images), OUT/metadata.jsonl (each input record with its image, seed and settings: what
+ecdit-evaluate reads) and OUT/compute_map.png (experts per token for the first images, at the
+run's compute-map timesteps). One process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from megatron_ecdit.checkpoint import consolidated
+from megatron_ecdit.checkpoint import distributed as checkpoints
+from megatron_ecdit.checkpoint.distributed import CheckpointError
+from megatron_ecdit.config import ConfigError, load_config
+from megatron_ecdit.evaluation.geneval import EvaluationError, read_jsonl
+
+GRID_IMAGES = 32  # grid.png shows the first images only
+
+
+def read_prompts(path: str) -> list[dict[str, Any]]:
+    """Prompt records ({"prompt": ...} and any metadata) of a .jsonl file or a text file with
+    one prompt per line."""
+    if path.endswith(".jsonl"):
+        records = read_jsonl(path)
+        for number, record in enumerate(records, 1):
+            if not isinstance(record.get("prompt"), str):
+                raise EvaluationError(f"{path}: record {number} has no \"prompt\" string")
+        return records
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise EvaluationError(f"cannot read {path}: {err}") from None
+    return [{"prompt": line.strip()} for line in lines if line.strip()]
+
+
+def load_job(checkpoint: str, overrides: list[str], weights: str):
+    """A one-process training job whose model (and EMA) hold the checkpoint's weights."""
+    from megatron_ecdit.training.optim import EMA
+    from megatron_ecdit.training.trainer import Job
+
+    if (Path(checkpoint) / consolidated.WEIGHTS).is_file():
+        saved, state, _ = consolidated.read(checkpoint)  # saved is at one process
+        job = Job(load_config(base=saved.to_dict(), overrides=overrides))
+        job.load_full_weights(state)
+        return job
+    common = checkpoints.read_common(checkpoint)
+    job = Job(load_config(base=common["config"],
+                          overrides=[*consolidated.one_process_overrides(), *overrides]))
+    checkpoints.load_weights(checkpoint, job.chunks, which=weights)
+    job.ema = EMA(job.model, job.cfg.optim.ema_decay)  # generate() samples with the EMA
+    return job
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("out")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prompts", help="a .jsonl file of records with a prompt, or a text "
+                                          "file with one prompt per line")
+    source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    parser.add_argument("--seed", type=int, default=0, help="the first seed")
+    parser.add_argument("--images-per-prompt", type=int, default=1,
+                        help="seeds seed, seed+1, ... per prompt")
+    parser.add_argument("--batch-size", type=int, help="prompts per batch (default: all)")
+    parser.add_argument("--cfg-scale", type=float)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--sampler", choices=("euler", "heun"))
+    parser.add_argument("--capacity-factor", type=float, nargs="+",
+                        help="one for every MoE block, or one per MoE block")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="of a training checkpoint (an exported folder has one set)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: the model runs under torch.autocast")
+    parser.add_argument("--compute-maps", type=int, help="images in compute_map.png, from the "
+                        "first batch (default: the run's train.compute_map_prompts; 0: none)")
+    args = parser.parse_args(argv)
+    overrides = [f"diffusion.{key}={value}" for key, value in (
+        ("cfg_scale", args.cfg_scale), ("sample_steps", args.steps), ("sampler", args.sampler))
+        if value is not None]
+    factors = args.capacity_factor
+    if factors is not None:
+        overrides += ([f"moe.capacity_factor={factors[0]}", "moe.layer_capacity_factors=null"]
+                      if len(factors) == 1 else [f"moe.layer_capacity_factors={factors}"])
+    try:
+        records = (read_prompts(args.prompts) if args.prompts
+                   else [{"prompt": p} for p in args.prompt or []])
+        job = load_job(args.checkpoint, overrides, args.weights)
+    except (CheckpointError, ConfigError, EvaluationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return generate(job, records or [{"prompt": p} for p in job.cfg.train.sample_prompts],
+                    args, Path(args.out))
+
+
+def generate(job, records: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> int:
+    import torch
+
+    from megatron_ecdit.training.visualize import save_compute_map, save_sample_grid, to_uint8
+
+    cfg = job.cfg
+    num_moe = len(cfg.moe.moe_layer_indices(cfg.model.num_layers))
+    settings = {"checkpoint": str(args.checkpoint), "weights": args.weights,
+                "cfg_scale": cfg.diffusion.cfg_scale, "steps": cfg.diffusion.sample_steps,
+                "sampler": cfg.diffusion.sampler, "precision": args.precision,
+                "capacity_factors": [cfg.moe.capacity_factor_of(i) for i in range(num_moe)]}
+    size = args.batch_size or len(records)
+    batches = [(seed, start) for seed in range(args.seed, args.seed + args.images_per_prompt)
+               for start in range(0, len(records), size)]
+    n_maps = cfg.train.compute_map_prompts if args.compute_maps is None else args.compute_maps
+    autocast = (torch.autocast(job.device.type, dtype=torch.bfloat16)
+                if args.precision == "bf16" else nullcontext())
+    out.mkdir(parents=True, exist_ok=True)
+    written, grid, wrote = [], [], ["grid.png", "metadata.jsonl"]
+    for seed, start in tqdm(batches, desc="sample", unit="batch"):
+        batch = records[start:start + size]
+        prompts = [r["prompt"] for r in batch]
+        with autocast:
+            images, maps = job.generate(prompts, cfg.train.compute_map_timesteps, seed=seed)
+        if not written and n_maps > 0 and maps and next(iter(maps.values())):
+            save_compute_map(images[:n_maps], prompts[:n_maps],
+                             {t: {k: v[:n_maps] for k, v in layer_maps.items()}
+                              for t, layer_maps in maps.items()},
+                             cfg.moe.num_experts, out / "compute_map.png")
+            wrote.append("compute_map.png")
+        grid.append(images[:GRID_IMAGES - sum(len(g) for g in grid)])
+        for j, (record, image) in enumerate(zip(batch, to_uint8(images))):
+            name = f"{len(written):05d}.png"
+            Image.fromarray(image).save(out / name)
+            written.append({**record, "image": name, "seed": seed, "batch_index": j,
+                            "batch_size": len(batch), **settings})
+    grid_images = torch.cat(grid)
+    save_sample_grid(grid_images, [r["prompt"] for r in written[:len(grid_images)]],
+                     out / "grid.png")
+    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in written))
+    print(f"wrote {len(written)} images, {', '.join(wrote)} to {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
