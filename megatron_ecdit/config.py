@@ -360,7 +360,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Build a Config from an optional YAML file (or `base`, e.g. a checkpoint's saved config)
     and `key.sub=value` overrides, then validate. A key left at MISSING ("???") is an error
     unless `allow_missing` (for tools that only read the model and layout, e.g. the planner)."""
-    raw: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
+    raw: dict[str, Any] = _upgrade_saved(copy.deepcopy(base)) if base is not None else {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -392,6 +392,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"required config keys are not set: {', '.join(missing)} (set each "
                           f"in the file or as an override, e.g. {missing[0]}=/path/to/it)")
     return cfg
+
+
+def _upgrade_saved(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by an earlier version (in a checkpoint) in today's keys."""
+    parallel = saved.get("parallel")
+    if isinstance(parallel, dict):
+        # removed: the EMA reads every parameter right after each step, so megatron's deferred
+        # parameter all-gather never applied
+        parallel.pop("overlap_param_gather", None)
+        if isinstance(parallel.get("activation_checkpointing"), bool):  # was on/off
+            parallel["activation_checkpointing"] = ("full" if parallel["activation_checkpointing"]
+                                                    else "none")
+    return saved
 
 
 def missing_keys(obj: Any, prefix: str = "") -> list[str]:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_ecdit.config import ConfigError, load_config, paper_model
+from megatron_ecdit.config import Config, ConfigError, load_config, paper_model
 
 
 def test_defaults_validate_and_overrides_apply(tmp_path):
@@ -61,3 +61,13 @@ def test_pixel_space_checks_the_patch_size_against_the_image_size():
     with pytest.raises(ConfigError, match="model.input_size=24 is not divisible by "
                                           "model.patch_size=5"):
         load_config(overrides=["data.image_size=24", "model.patch_size=5"])
+
+
+def test_a_config_saved_by_an_earlier_version_loads():
+    saved = Config().to_dict()
+    saved["parallel"]["overlap_param_gather"] = False  # a key since removed
+    saved["parallel"]["activation_checkpointing"] = True  # once a switch
+    cfg = load_config(base=saved)
+    assert cfg.parallel.activation_checkpointing == "full"
+    with pytest.raises(ConfigError, match="overlap_param_gather"):  # not in new configs
+        load_config(overrides=["parallel.overlap_param_gather=true"])

@@ -73,8 +73,10 @@ class DetectedObject:
 # --------------------------------------------------------------------------------------------
 
 
-def detect_objects(image: Any) -> list[DetectedObject]:
-    """The shapes in an RGB image (PIL image or (H, W, 3) uint8 array), largest first."""
+def color_map(image: Any) -> np.ndarray:
+    """(H, W) palette index + 1 of each pixel's colour, 0 for background: each pixel is read
+    as a blend of the white background and one palette colour (antialiasing makes exactly such
+    blends) and counts as that colour when it is more than half of it."""
     pixels = np.asarray(image, dtype=np.float64)[..., :3]  # (H, W, 3)
     white = np.asarray(BACKGROUND, dtype=np.float64)
     ink = np.stack([white - np.asarray(c, dtype=np.float64) for c in COLORS.values()])  # (K, 3)
@@ -85,16 +87,21 @@ def detect_objects(image: Any) -> list[DetectedObject]:
     residual = np.linalg.norm(d[..., None, :] - alpha[..., None] * ink, axis=-1)  # (H, W, K)
     k = residual.argmin(-1)  # (H, W)
     coverage = np.take_along_axis(alpha, k[..., None], -1)[..., 0]
-    color_map = np.where(coverage > 0.5, k + 1, 0)  # 0 = background
-    min_area = MIN_AREA_FRACTION * color_map.size
+    return np.where(coverage > 0.5, k + 1, 0)
+
+
+def detect_objects(image: Any) -> list[DetectedObject]:
+    """The shapes in an RGB image (PIL image or (H, W, 3) uint8 array), largest first."""
+    colors = color_map(image)
+    min_area = MIN_AREA_FRACTION * colors.size
     names = list(COLORS)
     objects = []
-    for region in regionprops(label(color_map, background=0, connectivity=1)):
+    for region in regionprops(label(colors, background=0, connectivity=1)):
         if region.area < min_area or region.solidity < MIN_SOLIDITY:
             continue
         y0, x0, y1, x1 = region.bbox
         shape = min(SHAPE_EXTENTS, key=lambda s: abs(SHAPE_EXTENTS[s] - region.extent))
-        color = names[color_map[tuple(region.coords[0])] - 1]
+        color = names[colors[tuple(region.coords[0])] - 1]
         objects.append(DetectedObject(shape, color, (x0, y0, x1, y1), int(region.area)))
     return sorted(objects, key=lambda o: -o.area)
 

@@ -1,8 +1,8 @@
 """Pictures a run leaves behind: the sample grid and the paper's compute-allocation map.
 
 The compute map shows, per image token, how many experts of an MoE layer chose it (0..E), at a
-few sampling timesteps, over the final generated image: EC-DiT's heatmaps (more compute on
-detail, less on background).
+few sampling timesteps, beside the final generated image with its objects outlined: EC-DiT's
+heatmaps (more compute on detail, less on background).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from megatron_ecdit.evaluation.geneval import color_map  # noqa: E402
 
 
 def to_uint8(images_BCHW: torch.Tensor) -> np.ndarray:
@@ -41,18 +43,22 @@ def save_sample_grid(images_BCHW: torch.Tensor, captions: list[str], path: Path,
 def save_compute_map(images_BCHW: torch.Tensor, captions: list[str],
                      maps: dict[float, dict[int, torch.Tensor]], num_experts: int,
                      path: Path) -> None:
-    """maps[t][layer] = experts_per_token (B, S). One row per (prompt, MoE layer), one column
-    per timestep, the generated image first."""
+    """maps[t][layer] = experts_per_token (B, S). One row per (prompt, MoE layer): the generated
+    image, then the map at each timestep beside it (not blended over it), with the objects the
+    GenEval-style detector finds outlined in cyan and the mean on objects against background
+    in each title. The colour scale runs over the values that occur."""
     images = to_uint8(images_BCHW)
     times = sorted(maps, reverse=True)
     layers = sorted(maps[times[0]])
     rows = [(b, layer) for b in range(len(images)) for layer in layers]
     cols = 1 + len(times)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols + 0.6, 2.1 * len(rows)),
+    top = max(1.0, max(float(m[layer].max()) for m in maps.values() for layer in m))
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols + 0.6, 2.3 * len(rows)),
                              squeeze=False)
     size = images.shape[1]
     last = None
     for r, (b, layer) in enumerate(rows):
+        objects = color_map(images[b]) > 0  # (H, W) pixels of any palette colour
         axes[r, 0].imshow(images[b], interpolation="nearest")
         axes[r, 0].set_title(f"{captions[b]}\nMoE block {layer}", fontsize=7)
         for c, t in enumerate(times, start=1):
@@ -60,19 +66,24 @@ def save_compute_map(images_BCHW: torch.Tensor, captions: list[str],
             grid = int(round(counts.numel() ** 0.5))
             heat = counts.view(grid, grid).cpu().numpy()
             ax = axes[r, c]
-            ax.imshow(images[b].mean(-1), cmap="gray", interpolation="nearest", alpha=1.0)
-            last = ax.imshow(heat, cmap="inferno", alpha=0.6, vmin=0, vmax=num_experts,
+            last = ax.imshow(heat, cmap="viridis", vmin=0, vmax=top,
                              extent=(-0.5, size - 0.5, size - 0.5, -0.5),
                              interpolation="nearest")
-            ax.set_title(f"t = {t:.2f}  (mean {counts.mean():.2f})", fontsize=7)
+            title = f"t = {t:.2f}"
+            if objects.any() and not objects.all():
+                ax.contour(objects, levels=[0.5], colors="cyan", linewidths=0.8)
+                per_pixel = np.kron(heat, np.ones((size // grid, size // grid)))
+                title += (f"\nobjects {per_pixel[objects].mean():.2f}, "
+                          f"background {per_pixel[~objects].mean():.2f}")
+            ax.set_title(title, fontsize=7)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("Experts choosing each token (compute allocated), per MoE block and timestep",
-                 fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.93, 0.97))
+    fig.suptitle(f"Experts choosing each token (of {num_experts}), per MoE block and timestep; "
+                 "cyan: detected objects", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.92, 0.97))
     if last is not None:
-        cax = fig.add_axes((0.94, 0.1, 0.015, 0.8))
+        cax = fig.add_axes((0.93, 0.1, 0.015, 0.8))
         fig.colorbar(last, cax=cax, label="experts per token")
     fig.savefig(path, dpi=110)
     plt.close(fig)
