@@ -5,7 +5,10 @@
         [--sampler euler|heun] [--capacity-factor F [F ...]] [--weights ema|model] \
         [--compute-maps N] [--precision fp32|bf16]
     ecdit-evaluate score samples/
-(or python tools/sample_ecdit.py ...). The checkpoint is a training checkpoint of any layout (a
+    torchrun --nproc-per-node 4 -m megatron_ecdit.tools.sample_ecdit CKPT OUT \
+        parallel.tp=2 parallel.ep=2                  (a model too big for one device)
+(or python tools/sample_ecdit.py ...). Trailing KEY=VALUE arguments are config overrides, e.g.
+the layout to sample at under torchrun (one process's layout unless given); rank 0 writes. The checkpoint is a training checkpoint of any layout (a
 `step_N` folder, a checkpoints folder or its `latest` pointer) or an exported consolidated
 folder. Prompts come from a file (one per line, or GenEval metadata records as JSON lines,
 e.g. examples/prompts/geneval_synthetic.jsonl) or the command line; by default the run's own
@@ -18,7 +21,7 @@ its seed and its place in the batch; both are recorded), so the run's sample pro
 give exactly the images it drew at the end of training. Writes OUT/NNNNN.png, OUT/grid.png (the
 first 32 images), OUT/metadata.jsonl (each input record with its image, seed and settings: what
 ecdit-evaluate reads) and OUT/compute_map.png (experts per token for the first images, at the
-run's compute-map timesteps). One process.
+run's compute-map timesteps).
 """
 
 from __future__ import annotations
@@ -59,20 +62,23 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
 
 
 def load_job(checkpoint: str, overrides: list[str], weights: str):
-    """A one-process training job whose model (and EMA) hold the checkpoint's weights."""
+    """A training job at the layout `overrides` give (one process's otherwise) whose model
+    (and EMA) hold the checkpoint's weights."""
     from megatron_ecdit.training.optim import EMA
     from megatron_ecdit.training.trainer import Job
 
     if (Path(checkpoint) / consolidated.WEIGHTS).is_file():
         saved, state, _ = consolidated.read(checkpoint)  # saved is at one process
-        job = Job(load_config(base=saved.to_dict(), overrides=overrides))
+        job = Job(load_config(base=saved.to_dict(),
+                              overrides=[*consolidated.one_process_overrides(), *overrides]))
         job.load_full_weights(state)
         return job
     common = checkpoints.read_common(checkpoint)
     job = Job(load_config(base=common["config"],
                           overrides=[*consolidated.one_process_overrides(), *overrides]))
     checkpoints.load_weights(checkpoint, job.chunks, which=weights)
-    job.ema = EMA(job.model, job.cfg.optim.ema_decay)  # generate() samples with the EMA
+    # generate() samples with the EMA
+    job.ema = EMA(job.model, job.cfg.optim.ema_decay, job.backend.local)
     return job
 
 
@@ -80,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("out")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. the layout under torchrun")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompts", help="a .jsonl file of records with a prompt, or a text "
                                           "file with one prompt per line")
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compute-maps", type=int, help="images in compute_map.png, from the "
                         "first batch (default: the run's train.compute_map_prompts; 0: none)")
     args = parser.parse_args(argv)
-    overrides = [f"diffusion.{key}={value}" for key, value in (
+    overrides = [*args.overrides] + [f"diffusion.{key}={value}" for key, value in (
         ("cfg_scale", args.cfg_scale), ("sample_steps", args.steps), ("sampler", args.sampler))
         if value is not None]
     factors = args.capacity_factor
@@ -135,14 +143,16 @@ def generate(job, records: list[dict[str, Any]], args: argparse.Namespace, out: 
     n_maps = cfg.train.compute_map_prompts if args.compute_maps is None else args.compute_maps
     autocast = (torch.autocast(job.device.type, dtype=torch.bfloat16)
                 if args.precision == "bf16" else nullcontext())
-    out.mkdir(parents=True, exist_ok=True)
+    writer = job.is_writer  # every rank samples (collectives); rank 0 writes
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     written, grid, wrote = [], [], ["grid.png", "metadata.jsonl"]
-    for seed, start in tqdm(batches, desc="sample", unit="batch"):
+    for seed, start in tqdm(batches, desc="sample", unit="batch", disable=not writer):
         batch = records[start:start + size]
         prompts = [r["prompt"] for r in batch]
         with autocast:
             images, maps = job.generate(prompts, cfg.train.compute_map_timesteps, seed=seed)
-        if not written and n_maps > 0 and maps and next(iter(maps.values())):
+        if writer and not written and n_maps > 0 and maps and next(iter(maps.values())):
             save_compute_map(images[:n_maps], prompts[:n_maps],
                              {t: {k: v[:n_maps] for k, v in layer_maps.items()}
                               for t, layer_maps in maps.items()},
@@ -151,14 +161,16 @@ def generate(job, records: list[dict[str, Any]], args: argparse.Namespace, out: 
         grid.append(images[:GRID_IMAGES - sum(len(g) for g in grid)])
         for j, (record, image) in enumerate(zip(batch, to_uint8(images))):
             name = f"{len(written):05d}.png"
-            Image.fromarray(image).save(out / name)
+            if writer:
+                Image.fromarray(image).save(out / name)
             written.append({**record, "image": name, "seed": seed, "batch_index": j,
                             "batch_size": len(batch), **settings})
-    grid_images = torch.cat(grid)
-    save_sample_grid(grid_images, [r["prompt"] for r in written[:len(grid_images)]],
-                     out / "grid.png")
-    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in written))
-    print(f"wrote {len(written)} images, {', '.join(wrote)} to {out}/")
+    if writer:
+        grid_images = torch.cat(grid)
+        save_sample_grid(grid_images, [r["prompt"] for r in written[:len(grid_images)]],
+                         out / "grid.png")
+        (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in written))
+        print(f"wrote {len(written)} images, {', '.join(wrote)} to {out}/")
     return 0
 
 

@@ -7,6 +7,7 @@ Each JOB is one of
     ["train", ARG, ...]                         pretrain_ecdit.main([ARG, ...]), as the command line
     ["export", CHECKPOINT, OUT]                 tools/convert_checkpoint.py export --weights model
     ["import", FOLDER, OUT, OVERRIDE, ...]      tools/convert_checkpoint.py import
+    ["sample", CHECKPOINT, OUT, ARG, ...]       tools/sample_ecdit.py
 in order; a job that returns non-zero stops the launch with that code.
 """
 
@@ -20,13 +21,15 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pretrain_ecdit  # noqa: E402
-from megatron_ecdit.tools import convert_checkpoint  # noqa: E402
+from megatron_ecdit.tools import convert_checkpoint, sample_ecdit  # noqa: E402
 
 
 def main() -> int:
     for kind, *args in json.loads(sys.argv[1]):
         if kind == "train":
             code = pretrain_ecdit.main(args)
+        elif kind == "sample":
+            code = sample_ecdit.main(args)
         elif kind == "export":
             code = convert_checkpoint.main(["export", *args, "--weights", "model"])
         else:
