@@ -63,9 +63,10 @@ def setup(spec: dict):
     return cfg, layout, initialize_parallel(layout)
 
 
-def perturbed(chunks: list, cfg, ctx) -> list:
+def perturbed(chunks: list, ctx) -> list:
     """The seed's weights plus noise, so adaLN-Zero and zero outputs leave no gradient zero
-    (the same noise on every rank: replicas stay identical)."""
+    (drawn in parameter order: the same on every rank of a TP or EP group, so their replicated
+    parameters stay identical)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for chunk in chunks:
@@ -76,7 +77,8 @@ def perturbed(chunks: list, cfg, ctx) -> list:
 
 
 def batch(cfg, n: int, seed: int):
-    """(x_t, t, text, mask, keep), target: one micro-batch, the same on every rank."""
+    """(x_t, t, text, mask, keep), target: one micro-batch, a function of the seed only (the
+    callers seed by data-parallel rank, so TP and PP peers see the same batch)."""
     g = torch.Generator().manual_seed(seed)
     m = cfg.model
     x = torch.randn(n, m.in_channels, m.input_size, m.input_size, generator=g)
@@ -96,7 +98,7 @@ def recompute_tp_ep() -> dict:
     for mode in RECOMPUTE:
         cfg, layout, ctx = setup({"tp": 2, "sp": "true", "ep": 2,
                                   "activation_checkpointing": mode})
-        model = perturbed([ECDiT(cfg.model, cfg.moe, ctx)], cfg, ctx)[0]
+        model = perturbed([ECDiT(cfg.model, cfg.moe, ctx)], ctx)[0]
         inputs, target = batch(cfg, MICRO_BATCH, seed=ps.get_data_parallel_rank())
         flow_matching_loss(model(*inputs).prediction, target).backward()
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -112,7 +114,7 @@ def recompute_pp() -> dict:
         cfg, layout, ctx = setup({"pp": 2, "train.num_microbatches": 2,
                                   "activation_checkpointing": mode})
         chunks = perturbed(stage_chunks(cfg.model, cfg.moe, ctx, 2, 1,
-                                        ps.get_pipeline_model_parallel_rank()), cfg, ctx)
+                                        ps.get_pipeline_model_parallel_rank()), ctx)
         backend = MegatronZeRO(chunks, cfg.model, cfg.moe, cfg.optim, ctx, layout)
         runner = PipelineRunner(backend.modules, cfg.model.num_patches)
         backend.zero_grad()
@@ -165,7 +167,7 @@ def model_states() -> dict:
     """Megatron-core's distributed optimizer at TP2+SP x EP2 after one step, against the
     planner's gradients and optimizer bytes for the same layout."""
     cfg, layout, ctx = setup({"tp": 2, "sp": "true", "ep": 2})
-    model = perturbed([ECDiT(cfg.model, cfg.moe, ctx)], cfg, ctx)[0]
+    model = perturbed([ECDiT(cfg.model, cfg.moe, ctx)], ctx)[0]
     backend = MegatronZeRO(model, cfg.model, cfg.moe, cfg.optim, ctx, layout)
     backend.zero_grad()
     inputs, target = batch(cfg, MICRO_BATCH, seed=0)
