@@ -34,7 +34,7 @@ def test_torch_requirement_is_a_range_a_cluster_torch_satisfies():
 
 @pytest.mark.parametrize("script", ["ecdit-convert", "ecdit-inspect", "ecdit-preprocess",
                                     "ecdit-count-params", "ecdit-make-shards",
-                                    "ecdit-evaluate", "ecdit-sample"])
+                                    "ecdit-evaluate", "ecdit-sample", "ecdit-plan"])
 def test_console_scripts_are_installed(script):
     path = shutil.which(script, path=str(BIN))
     assert path is not None, f"{script} is not in {BIN}"

@@ -1,5 +1,6 @@
 """What autograd keeps for backward, measured: the ground truth the activation model is checked
-against (tests, and `ecdit-plan --measure`-style checks on a real run).
+against (per block in tests/test_planning.py, and over a training step of the real job in
+tests/distributed/check_planning.py).
 
 `SavedBytes` is a `saved_tensors_hooks` context that records every tensor saved for backward
 and counts each storage once (a tensor saved by several ops, or views of one buffer, cost
