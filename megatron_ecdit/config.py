@@ -243,6 +243,9 @@ class OptimConfig:
     schedule: Literal["constant", "cosine"] = "cosine"
     grad_clip: float = 1.0
     ema_decay: float = 0.99
+    # torch's optimizer implementations (one-process backend): a Python loop over the tensors,
+    # multi-tensor `foreach` kernels, or one `fused` kernel (AdamW only). Equal results.
+    implementation: Literal["for_loop", "foreach", "fused"] = "foreach"
 
 
 @dataclass
@@ -270,6 +273,9 @@ class TrainConfig:
     # a weights-only checkpoint starts with fresh optimizer state at step 0).
     resume: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
+    # torch.compile each block (regional compilation, parallel/compile.py): fuses adaLN's
+    # modulate, gate and residual and the GELUs. Its first steps compile.
+    compile: bool = False
     output_dir: str = "outputs/demo"
     log_interval: int = 25  # console, TensorBoard and routing statistics; metrics.jsonl: every step
     sample_interval: int = 0  # also write samples every N steps; 0 = only at the end
@@ -312,6 +318,9 @@ class Config:
         if not 0.0 <= self.diffusion.caption_dropout <= 1.0:
             raise ConfigError("diffusion.caption_dropout must be in [0, 1]")
         _positive(self.train, "train", "steps", "micro_batch_size", "log_interval")
+        if self.optim.implementation == "fused" and self.optim.name != "adamw":
+            raise ConfigError(f"optim.implementation=fused exists for adamw only; "
+                              f"optim.name={self.optim.name} takes for_loop or foreach")
         return self
 
     def to_dict(self) -> dict[str, Any]:
