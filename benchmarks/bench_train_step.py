@@ -14,8 +14,8 @@ in one process (the median of --iters steps each, so a busy machine slows every 
   compile         train.compile: torch.compile per block (parallel/compile.py)
   optimizer       optim.implementation: fused AdamW (or --optimizer foreach) vs torch's loop
 FLOPs are the planner's (planning/estimate.py `forward_flops`, times 3 for training). MFU is
-reported against a large GEMM of the same dtype run in this process (the honest roofline of a
-CPU) and, with --peak-tflops, against a datasheet peak. The phase breakdown is torch.profiler's
+reported against a large GEMM of the same dtype timed between the steps (the honest roofline of
+a CPU) and, with --peak-tflops, against a datasheet peak. The phase breakdown is torch.profiler's
 time per phase of the all-off and all-on steps; backward kernels are charged to the phase of
 the forward op that created them (autograd sequence numbers).
 """
@@ -117,19 +117,21 @@ class Bench:
         return time.perf_counter() - start
 
 
-def gemm_roofline(device: torch.device, dtype: torch.dtype, n: int, iters: int = 5) -> float:
-    """FLOP/s of an n x n x n matmul, the best of `iters` (after one warm-up)."""
+def roofline_gemm(device: torch.device, dtype: torch.dtype, n: int):
+    """A function timing one n x n x n matmul (2 n^3 FLOPs), run between the steps so that the
+    roofline sees the same machine load as they do."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for i in range(iters + 1):
+
+    def seconds() -> float:
         synchronize(device)
         start = time.perf_counter()
         a @ b
         synchronize(device)
-        if i:
-            best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+        return time.perf_counter() - start
+
+    seconds()
+    return seconds
 
 
 # --------------------------------------------------------------------------- phase breakdown
@@ -226,9 +228,8 @@ def main() -> None:
     device = torch.device(args.device)
     where = (torch.cuda.get_device_name() if device.type == "cuda"
              else f"CPU, {args.threads} threads")
-    roofline = gemm_roofline(device, torch.float32, args.gemm)
-    print(f"training step, fp32, {where}, torch {torch.__version__}; roofline: fp32 "
-          f"{args.gemm}^3 GEMM at {roofline / 1e9:.1f} GFLOP/s")
+    gemm = roofline_gemm(device, torch.float32, args.gemm)
+    print(f"training step, fp32, {where}, torch {torch.__version__}")
     fast = args.optimizer
     for name in args.shapes:
         cfg = shape_config(name, args.xl_blocks, args.xl_batch)
@@ -248,10 +249,15 @@ def main() -> None:
         for v in variants[2:]:
             bench.step(v)
         times: dict[str, list[float]] = {v.name: [] for v in variants}
+        gemm_times = []
         for _ in range(args.iters):
             for v in variants:
                 times[v.name].append(bench.step(v))
+            gemm_times.append(gemm())
         base = statistics.median(times["all off"])
+        roofline = 2 * args.gemm ** 3 / statistics.median(gemm_times)
+        print(f"roofline: fp32 {args.gemm}^3 GEMM at {roofline / 1e9:.1f} GFLOP/s (median, "
+              "timed between the steps)")
         print(f"first compiled step {compile_first:.1f} s (eager first step "
               f"{eager_first:.2f} s): compile time ~{compile_first - base:.1f} s")
         peak = f"{'MFU peak':>9} " if args.peak_tflops else ""
