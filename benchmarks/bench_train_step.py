@@ -44,6 +44,8 @@ from megatron_ecdit.models.ecdit import AdaLNModulation, ECDiT, ECDiTBlock  # no
 from megatron_ecdit.moe.layer import DenseFFN  # noqa: E402
 from megatron_ecdit.parallel.backends.one_process import TorchOptimizer  # noqa: E402
 from megatron_ecdit.parallel.compile import apply_compile, eager_blocks  # noqa: E402
+from megatron_ecdit.parallel.layout import ParallelLayout  # noqa: E402
+from megatron_ecdit.parallel.setup import initialize_parallel  # noqa: E402
 from megatron_ecdit.planning.activations import Shape  # noqa: E402
 from megatron_ecdit.planning.estimate import forward_flops  # noqa: E402
 from megatron_ecdit.training.optim import EMA  # noqa: E402
@@ -78,8 +80,10 @@ class Bench:
     def __init__(self, cfg: Config, device: torch.device, implementations: list[str]):
         self.cfg, self.device = cfg, device
         m, B, L = cfg.model, cfg.train.micro_batch_size, cfg.text_encoder.max_length
+        # megatron-core's one-process groups, as the job runs (its linear layers, not torch's).
+        ctx = initialize_parallel(ParallelLayout.build(cfg, world_size=1))
         torch.manual_seed(0)
-        self.model = ECDiT(m, cfg.moe).to(device)
+        self.model = ECDiT(m, cfg.moe, ctx).to(device)
         g = torch.Generator().manual_seed(0)
         x0 = torch.randn(B, m.in_channels, m.input_size, m.input_size, generator=g)
         noise = torch.randn(x0.shape, generator=g)
