@@ -65,6 +65,20 @@ def test_compiled_blocks_equal_eager_and_sampling_compiles_nothing(ctx):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
+def test_training_job_with_compiled_blocks_trains_like_eager(tmp_path, ctx):
+    """train.compile end to end: the same losses (1e-5), and sampling at the end runs."""
+    from test_training import losses, tiny
+    from megatron_ecdit.training.trainer import train
+
+    for name, compiled in (("eager", "false"), ("compiled", "true")):
+        train(tiny(tmp_path / name, "train.steps=4", "train.tensorboard=false",
+                   "checkpoint.save_interval=0", f"train.compile={compiled}"))
+    eager, compiled = losses(tmp_path / "eager/out"), losses(tmp_path / "compiled/out")
+    assert len(compiled) == 4
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert (tmp_path / "compiled/out/samples.png").is_file()
+
+
 def test_compile_is_refused_with_more_than_one_process():
     cfg = Config()
     cfg.train.compile = True
