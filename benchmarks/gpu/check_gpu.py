@@ -42,6 +42,8 @@ from megatron_ecdit.moe.router import ExpertChoiceRouter  # noqa: E402
 from megatron_ecdit.parallel import cpu_compat  # noqa: E402
 from megatron_ecdit.parallel.layout import ParallelLayout  # noqa: E402
 from megatron_ecdit.parallel.setup import initialize_parallel  # noqa: E402
+from megatron_ecdit.planning.activations import Shape  # noqa: E402
+from megatron_ecdit.planning.estimate import forward_flops  # noqa: E402
 
 # Dense bf16 peak (TFLOP/s) by device name; others report MFU against H100's.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -63,21 +65,6 @@ def random_batch(model_cfg: ModelConfig, B: int, L: int = 32):
     x = torch.randn(B, m.in_channels, m.input_size, m.input_size, device="cuda")
     return (x, torch.rand(B, device="cuda"), torch.randn(B, L, m.text_dim, device="cuda"),
             torch.ones(B, L, dtype=torch.bool, device="cuda"), torch.randn_like(x))
-
-
-def block_flops(m: ModelConfig, moe: MoEConfig, tokens_per_image: int, B: int,
-                text_len: int) -> float:
-    """Training FLOPs (3x forward) of the blocks: matmuls and attention scores."""
-    d, kv = m.hidden_size, m.num_kv_heads * m.head_dim
-    S, total = tokens_per_image, 0.0
-    moe_layers = set(moe.moe_layer_indices(m.num_layers))
-    for i in range(m.num_layers):
-        proj = 2 * (2 * d * d + 2 * d * kv) + 2 * 2 * d * d  # self q,k,v,o + cross q,o
-        ffn = 2 * 8 * d * d * (moe.capacity_factor if i in moe_layers else 1)
-        mod = 2 * m.cond_size * 6 * d / S  # per image, spread over its tokens
-        scores = 2 * 2 * S * d + 2 * 2 * text_len * d  # QK^T and AV, self + cross
-        total += S * B * (proj + ffn + mod + scores) + B * text_len * 2 * 2 * d * kv
-    return 3 * total
 
 
 def training_job(text_encoder: str | None) -> tuple[list[tuple[str, str]], list[str]]:
@@ -183,7 +170,7 @@ def main() -> int:
         step_of(model, batch, opt)
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / iters
-    flops = block_flops(xl, moe, xl.num_patches, B, 32)
+    flops = 3 * sum(forward_flops(Config(model=xl, moe=moe), Shape(B, xl.num_patches, 32)))
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), PEAK_TFLOPS["H100"])
     rows += [("XL-width blocks: step time (4 blocks, B=32, S=256)", f"{1e3 * seconds:.1f} ms"),
              ("XL-width blocks: achieved", f"{flops / seconds / 1e12:.1f} TFLOP/s"),

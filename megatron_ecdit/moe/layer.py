@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel.mappings import (gather_from_sequence_parallel_region,
                                                     scatter_to_sequence_parallel_region)
 from torch import nn
+from torch.profiler import record_function
 
 from megatron_ecdit.config import MoEConfig
 from megatron_ecdit.models.tensor_parallel import ColumnLinear, ParallelContext, RowLinear
@@ -141,17 +142,24 @@ class MoELayer(nn.Module):
         S, B, D = x_SBD.shape
         x_flat = x_SBD.reshape(S * B, D)
 
+        # Each phase is a named range in profiles (benchmarks/bench_train_step.py reads them).
         # 1. route: which token fills each (expert, slot), and its gate.
-        routing = self.router(x_SBD if router_x_SBD is None else router_x_SBD, cond_BDc)
+        with record_function("moe.route"):
+            routing = self.router(x_SBD if router_x_SBD is None else router_x_SBD, cond_BDc)
         # 2. dispatch: gather tokens into the fixed (E, N, D) buffer, move it to its experts.
-        x_END = self.dispatcher.dispatch(x_flat[routing.token_index_EN])
+        with record_function("moe.dispatch"):
+            x_END = self.dispatcher.dispatch(x_flat[routing.token_index_EN])
         # 3. experts: one batched MLP over all local experts.
-        y_END = self.dispatcher.combine(self.experts(x_END))
-        # 4. combine: out[s] = sum over experts e that chose s of gate[e, s] * expert_e(x[s]).
-        weighted = (y_END * routing.gate_EN.unsqueeze(-1).to(y_END.dtype)).reshape(-1, D)
-        out = torch.zeros_like(x_flat, dtype=weighted.dtype)
-        out = out.index_add(0, routing.token_index_EN.reshape(-1), weighted)
-        out_SBD = out.view(S, B, D)
+        with record_function("moe.experts"):
+            y_END = self.experts(x_END)
+        # 4. combine: bring the outputs back, then out[s] = sum over experts e that chose s
+        # of gate[e, s] * expert_e(x[s]).
+        with record_function("moe.combine"):
+            y_END = self.dispatcher.combine(y_END)
+            weighted = (y_END * routing.gate_EN.unsqueeze(-1).to(y_END.dtype)).reshape(-1, D)
+            out = torch.zeros_like(x_flat, dtype=weighted.dtype)
+            out = out.index_add(0, routing.token_index_EN.reshape(-1), weighted)
+            out_SBD = out.view(S, B, D)
         if self.shared_expert is not None:  # a dense TP FFN on the full (gathered) sequence
             out_SBD = out_SBD + self.shared_expert(x_SBD).output
         if routing.aux_loss is not None and torch.is_grad_enabled():

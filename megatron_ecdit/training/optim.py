@@ -45,8 +45,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
-            self.shadow[name].lerp_(self.local(p).detach().float(), 1.0 - self.decay)
+        # One multi-tensor lerp over all parameters (the same arithmetic as a lerp_ per tensor).
+        names, params = zip(*model.named_parameters())
+        torch._foreach_lerp_([self.shadow[name] for name in names],
+                             [self.local(p).detach().float() for p in params], 1.0 - self.decay)
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:

@@ -46,6 +46,7 @@ from megatron_ecdit.models.ecdit import ECDiT, stage_chunks
 from megatron_ecdit.models.embedders import patchify
 from megatron_ecdit.moe.layer import set_aux_grad_scale
 from megatron_ecdit.parallel.backends import OptimizerBackend, build_backend
+from megatron_ecdit.parallel.compile import apply_compile, eager_blocks
 from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.parallel.setup import (data_parallel_rank_and_size, initialize_parallel,
                                            local_device, world_size)
@@ -90,6 +91,9 @@ class Job:
             set_aux_grad_scale(chunk, 1.0 / cfg.train.num_microbatches)  # as the main loss
         check_replicas(self.chunks, ctx)
         self.model.to(self.device)
+        if cfg.train.compile:
+            for chunk in self.chunks:
+                apply_compile(chunk)
         self.backend: OptimizerBackend = build_backend(self.layout, self.chunks, cfg, ctx)
         if self.layout.pp > 1:
             self.pipeline = PipelineRunner(self.backend.modules, cfg.model.num_patches)
@@ -272,7 +276,7 @@ class Job:
         ZeRO-3 each block gathers its parameters as it runs, as in training."""
         self.model.eval()
         try:
-            with self.ema.applied(self.model):
+            with self.ema.applied(self.model), eager_blocks():  # no graphs for the sampler
                 return self._sample(prompts, record_at, seed)
         finally:
             self.model.train()
@@ -432,6 +436,9 @@ def train(cfg: Config) -> dict[str, float]:
         job.ema.update(job.model)
         value = loss.clone()
         dist.all_reduce(value)  # every rank of a DP replica holds the same loss: average all
+        # The loop's reads from the device, once the step is queued: this loss and the backend's
+        # gradient norm every step, routing statistics on log steps. Nothing earlier reads
+        # (tests/test_speed_levers.py).
         value = value.item() / dist.get_world_size()
         if not math.isfinite(value):
             raise FloatingPointError(f"loss is {value} at step {step}")

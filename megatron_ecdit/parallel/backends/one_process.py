@@ -15,16 +15,23 @@ from megatron_ecdit.parallel.backends import WholeParameters
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Weight decay applies to matrices only (not norms, biases, embedders' biases)."""
+    """Weight decay applies to matrices only (not norms, biases, embedders' biases).
+
+    `cfg.implementation` picks torch's per-tensor loop, its multi-tensor (foreach) kernels or,
+    for AdamW, its fused kernel (CPU and CUDA; RMSprop has none and takes foreach); torch
+    itself takes the loop for CPU tensors unless told otherwise. The fused kernel keeps the
+    step count on the parameters' device and reads no scalar back to the host."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    impl = cfg.implementation
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 foreach=impl == "foreach", fused=impl == "fused")
     # RMSProp with momentum, as the paper reports (lr 1e-4 there).
     return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps,
-                               momentum=cfg.momentum)
+                               momentum=cfg.momentum, foreach=impl != "for_loop")
 
 
 
@@ -53,7 +60,7 @@ class TorchOptimizer(WholeParameters):
             group["lr"] = lr
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.optimizer.step()
-        return float(norm)
+        return float(norm)  # for the log: the step's one read from the device
 
     def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
         """The optimizer's moments as ShardedTensors shaped like the parameters (megatron-core's

@@ -1,0 +1,185 @@
+"""Speed levers equal the plain path (fp32, 1e-5): compiled blocks, torch's optimizer
+implementations, the multi-tensor EMA; and a training step reads nothing back from the device
+except its documented logging point. Timings are benchmarks/bench_train_step.py's job."""
+
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_ecdit.config import Config, ConfigError, ModelConfig, MoEConfig, OptimConfig
+from megatron_ecdit.diffusion.rectified_flow import flow_matching_loss
+from megatron_ecdit.models.ecdit import ECDiT
+from megatron_ecdit.parallel.backends.one_process import TorchOptimizer
+from megatron_ecdit.parallel.compile import apply_compile, eager_blocks
+from megatron_ecdit.parallel.layout import ParallelLayout
+from megatron_ecdit.training.optim import EMA
+
+aten = torch.ops.aten
+
+
+def tiny_model() -> ECDiT:
+    """Two blocks: a dense one and an EC-MoE one (4 experts), 16 tokens per image."""
+    torch.manual_seed(0)
+    model = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, input_size=8,
+                        patch_size=2, text_dim=16)
+    return ECDiT(model, MoEConfig(num_experts=4))
+
+
+def batch(B: int = 2, L: int = 5, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(L)[None] < torch.tensor([L, 3])[:B, None]
+    return ((torch.randn(B, 3, 8, 8, generator=g), torch.rand(B, generator=g),
+             torch.randn(B, L, 16, generator=g), mask), torch.randn(B, 3, 8, 8, generator=g))
+
+
+def loss_and_grads(model: ECDiT, inputs, target):
+    model.zero_grad(set_to_none=True)
+    out = model(*inputs)
+    loss = flow_matching_loss(out.prediction, target)
+    loss.backward()
+    return out.prediction.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_compiled_blocks_equal_eager_and_sampling_compiles_nothing(ctx):
+    model = tiny_model()
+    inputs, target = batch()
+    eager_out, eager_grads = loss_and_grads(model, inputs, target)
+    apply_compile(model)
+    torch._dynamo.reset()
+    compiled_out, compiled_grads = loss_and_grads(model, inputs, target)
+    torch.testing.assert_close(compiled_out, eager_out, atol=1e-5, rtol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    # Compiled once: a second step (new values, same shapes) makes no new graphs.
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    loss_and_grads(model, *batch(seed=3))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    # The sampler's calls (no gradients, eval mode, another batch) run eagerly: no new graphs.
+    model.eval()
+    with torch.no_grad(), eager_blocks():
+        model(*batch(B=1, seed=2)[0])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_training_job_with_compiled_blocks_trains_like_eager(tmp_path, ctx):
+    """train.compile end to end: the same losses (1e-5), and sampling at the end runs."""
+    from test_training import losses, tiny
+    from megatron_ecdit.training.trainer import train
+
+    for name, compiled in (("eager", "false"), ("compiled", "true")):
+        train(tiny(tmp_path / name, "train.steps=4", "train.tensorboard=false",
+                   "checkpoint.save_interval=0", f"train.compile={compiled}"))
+    eager, compiled = losses(tmp_path / "eager/out"), losses(tmp_path / "compiled/out")
+    assert len(compiled) == 4
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert (tmp_path / "compiled/out/samples.png").is_file()
+
+
+def test_compile_is_refused_with_more_than_one_process():
+    cfg = Config()
+    cfg.train.compile = True
+    with pytest.raises(ConfigError, match="train.compile works in one process only"):
+        ParallelLayout.build(cfg, world_size=2)
+
+
+def train_three_steps(implementation: str, name: str = "adamw") -> dict[str, torch.Tensor]:
+    """Three clipped steps (the clip is active: max norm below the gradients' norm)."""
+    model = tiny_model()
+    cfg = OptimConfig(name=name, lr=1e-2, weight_decay=0.1, grad_clip=0.05,
+                      implementation=implementation)
+    backend = TorchOptimizer(model, cfg)
+    for step in range(3):
+        inputs, target = batch(seed=step)
+        backend.zero_grad()
+        backend.backward(flow_matching_loss(model(*inputs).prediction, target))
+        assert backend.step(cfg.lr) > cfg.grad_clip
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name,implementations", [("adamw", ["foreach", "fused"]),
+                                                  ("rmsprop", ["foreach", "fused"])])
+def test_optimizer_implementations_equal_the_loop(ctx, name, implementations):
+    reference = train_three_steps("for_loop", name)
+    for implementation in implementations:
+        params = train_three_steps(implementation, name)
+        for key, value in reference.items():
+            torch.testing.assert_close(params[key], value, atol=1e-5, rtol=1e-5,
+                                       msg=f"{implementation}: {key}")
+
+
+def test_multi_tensor_ema_equals_a_lerp_per_tensor():
+    model = tiny_model()
+    ema = EMA(model, 0.9)
+    expected = {n: v.clone() for n, v in ema.shadow.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for name, p in model.named_parameters():
+        assert torch.equal(ema.shadow[name], expected[name].lerp_(p, 0.1)), name
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op that makes the host wait for the device: a scalar read (`item`,
+    `float`, `int`, `bool` of a tensor all reach aten._local_scalar_dense) or an op whose output
+    shape depends on the data (nonzero, masked_select, unique; boolean-mask indexing runs
+    nonzero). Python-level copies to the host (`tolist`, `cpu`, `numpy`) are caught by
+    `HostCopies`. Each read keeps the tensor read and the innermost project frame."""
+
+    SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten._unique2,
+               aten.unique_consecutive, aten.unique_dim}
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[tuple[str, torch.Tensor, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.SYNCING:
+            self.reads.append((str(func), args[0], where()))
+        return func(*args, **(kwargs or {}))
+
+
+class HostCopies(TorchFunctionMode):
+    def __init__(self, reads: list):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy):
+            self.reads.append((func.__name__, args[0], where()))
+        return func(*args, **(kwargs or {}))
+
+
+def where() -> str:
+    frames = [f for f in traceback.extract_stack() if "megatron_ecdit" in f.filename
+              and "test_" not in f.filename]
+    return f"{Path(frames[-1].filename).name}:{frames[-1].name}" if frames else "torch"
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
+def test_training_step_reads_nothing_back_from_the_device(ctx, implementation):
+    """Forward, loss, backward and EMA read nothing; the optimizer step reads the gradient norm
+    once (`TorchOptimizer.step` returns it for logging: the documented point). With foreach,
+    torch also reads its step counters, which are host tensors even on a GPU."""
+    model = tiny_model()
+    backend = TorchOptimizer(model, OptimConfig(implementation=implementation))
+    ema = EMA(model, 0.99)
+    inputs, target = batch()
+    for step in range(2):  # the second step has optimizer state
+        backend.zero_grad()
+        with HostReads() as mode, HostCopies(mode.reads):
+            loss = flow_matching_loss(model(*inputs).prediction, target)
+            backend.backward(loss)
+        assert mode.reads == [], [(op, site) for op, _, site in mode.reads]
+        with HostReads() as mode, HostCopies(mode.reads):
+            backend.step(1e-3)
+            ema.update(model)
+        counters = {id(s["step"]) for s in backend.optimizer.state.values()}
+        reads = [(op, site) for op, t, site in mode.reads if id(t) not in counters]
+        assert len(reads) == 1 and reads[0][1] == "one_process.py:step", reads
+        if implementation == "fused":
+            assert len(mode.reads) == 1
