@@ -273,6 +273,9 @@ class TrainConfig:
     # "never"; or a checkpoint folder (e.g. one written by tools/convert_checkpoint.py import;
     # a weights-only checkpoint starts with fresh optimizer state at step 0).
     resume: str = "auto"
+    # bf16: megatron-style mixed precision. Parameters and activations are bf16; the optimizer
+    # backend keeps fp32 main weights, gradients and optimizer state; the router computes in
+    # fp32, and on a CPU so does the attention core (torch's bf16 CPU kernel is slower).
     precision: Literal["fp32", "bf16"] = "fp32"
     # torch.compile each block (regional compilation, parallel/compile.py): fuses adaLN's
     # modulate, gate and residual and the GELUs. Its first steps compile.

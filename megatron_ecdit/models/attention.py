@@ -52,6 +52,13 @@ class Attention(nn.Module):
         mask = None
         if context_mask_BL is not None:
             mask = context_mask_BL[:, None, None, :].to(torch.bool)  # (B, 1, 1, L)
-        o_BHSK = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # torch's CPU flash-attention kernel is 2.5-4x slower in bf16 than in fp32 (its
+            # backward most; measured at the demo's and XL's shapes), so on a CPU the
+            # attention core runs in fp32 and only the projections in bf16.
+            o_BHSK = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                    attn_mask=mask, enable_gqa=True).to(q.dtype)
+        else:
+            o_BHSK = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         S, B = o_BHSK.shape[2], o_BHSK.shape[0]
         return self.out(o_BHSK.permute(2, 0, 1, 3).reshape(S, B, -1))

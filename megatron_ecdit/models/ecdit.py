@@ -189,9 +189,14 @@ class ECDiT(nn.Module):
                 text_mask_BL: torch.Tensor, keep_idx_BK: Optional[torch.Tensor] = None
                 ) -> ECDiTOutput:
         """keep_idx_BK: MaskDiT-style subset of token positions to process (training only).
-        Off the last pipeline stage the prediction is the hidden state (S, B, D) to send on."""
+        Off the last pipeline stage the prediction is the hidden state (S, B, D) to send on.
+
+        Inputs are cast to the parameters' dtype and the last stage's prediction is fp32
+        (megatron's Float16Module), so callers see the same tensors in fp32 and bf16."""
+        dtype = self.caption_proj.fc1.weight.dtype  # the compute dtype (train.precision)
         if self.pre_process:
-            x_BSD = self.patch_embed(x_BCHW) + self.pos_embed.to(x_BCHW.dtype)
+            x_BCHW = x_BCHW.to(dtype)
+            x_BSD = self.patch_embed(x_BCHW) + self.pos_embed.to(dtype)
             if keep_idx_BK is not None:
                 x_BSD = torch.gather(x_BSD, 1,
                                      keep_idx_BK[..., None].expand(-1, -1, x_BSD.shape[-1]))
@@ -201,7 +206,7 @@ class ECDiT(nn.Module):
         else:
             x_SBD = self.input_tensor
         c_BDc = self.t_embedder(t_B)
-        text_LBD = self.caption_proj(text_BLT).transpose(0, 1)
+        text_LBD = self.caption_proj(text_BLT.to(dtype)).transpose(0, 1)
         routing: dict[int, RoutingStats] = {}
         for name, block in self.blocks.items():
             x_SBD, ffn = block(x_SBD, c_BDc, text_LBD, text_mask_BL)
@@ -212,7 +217,7 @@ class ECDiT(nn.Module):
         if self.sp_group is not None:
             x_SBD = gather_from_sequence_parallel_region(x_SBD, tensor_parallel_output_grad=False,
                                                          group=self.sp_group)
-        rows_BSP = self.final(x_SBD, c_BDc).transpose(0, 1)
+        rows_BSP = self.final(x_SBD, c_BDc).transpose(0, 1).float()
         if keep_idx_BK is not None:
             return ECDiTOutput(rows_BSP, routing)
         return ECDiTOutput(unpatchify(rows_BSP, self.config.patch_size, self.config.in_channels),

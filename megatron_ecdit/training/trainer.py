@@ -22,7 +22,6 @@ import importlib.util
 import json
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from megatron_ecdit.checkpoint import distributed as checkpoints
+from megatron_ecdit.checkpoint.consolidated import DTYPES
 from megatron_ecdit.config import Config
 from megatron_ecdit.data.bad_input import describe_counts
 from megatron_ecdit.data.shards import BatchStream
@@ -90,7 +90,9 @@ class Job:
             initialize(chunk, cfg.train.seed, ctx)
             set_aux_grad_scale(chunk, 1.0 / cfg.train.num_microbatches)  # as the main loss
         check_replicas(self.chunks, ctx)
-        self.model.to(self.device)
+        # train.precision=bf16: bf16 parameters and activations (drawn in fp32, then rounded);
+        # the backend keeps fp32 main weights, gradients and optimizer state.
+        self.model.to(self.device, DTYPES[cfg.train.precision])
         if cfg.train.compile:
             for chunk in self.chunks:
                 apply_compile(chunk)
@@ -99,8 +101,6 @@ class Job:
             self.pipeline = PipelineRunner(self.backend.modules, cfg.model.num_patches)
         self.ema = EMA(self.model, cfg.optim.ema_decay, self.backend.local)
         self.uncond = self.text_encoder.encode([""])  # for caption dropout and guidance
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                         if cfg.train.precision == "bf16" else nullcontext())
 
     def _pipeline_chunks(self, ctx) -> list[ECDiT]:
         """This rank's model chunks (stages of blocks); the conditioning embedders replicated
@@ -257,15 +257,13 @@ class Job:
         loss and the routing statistics of the last micro-batch."""
         micro = [self.prepare(batch) for batch in batches]
         if self.pipeline is not None:
-            with self.autocast:
-                loss = self.pipeline.train_step(
-                    micro, lambda pred, tgt: flow_matching_loss(pred.float(), tgt))
+            loss = self.pipeline.train_step(
+                micro, lambda pred, tgt: flow_matching_loss(pred, tgt))
             return loss, self.pipeline.routing
         total = torch.zeros((), device=self.device)
         for inputs, target in micro:
-            with self.autocast:
-                out = self.backend.module(*inputs)
-            loss = flow_matching_loss(out.prediction.float(), target)
+            out = self.backend.module(*inputs)
+            loss = flow_matching_loss(out.prediction, target)
             self.backend.backward(loss / len(micro))
             total += loss.detach() / len(micro)
         return total, out.routing

@@ -133,6 +133,11 @@ class DeepSpeedZeRO:
                   "zero_optimization": {"stage": layout.zero_stage,
                                         "overlap_comm": layout.overlap_grad_reduce},
                   "steps_per_print": 2**31 - 1}
+        if next(model.parameters()).dtype == torch.bfloat16:
+            # train.precision=bf16: DeepSpeed keeps fp32 master partitions and Adam state;
+            # gradients accumulate in fp32 (ZeRO-1 then runs as DeepSpeed's BF16_Optimizer).
+            config["bf16"] = {"enabled": True}
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
         self.engine = _deepspeed_engine(model, optimizer, config, expert_group)
         self.module = self.engine
         self.modules = [self.engine]

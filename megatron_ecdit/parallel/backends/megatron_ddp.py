@@ -28,8 +28,10 @@ from megatron_ecdit.parallel.layout import ParallelLayout
 
 
 def transformer_config(model: ModelConfig, moe: MoEConfig, ctx: ParallelContext,
-                       layout: ParallelLayout) -> TransformerConfig:
-    """The megatron-core config its DDP and optimizer read (dims and parallel degrees)."""
+                       layout: ParallelLayout, dtype: torch.dtype = torch.float32
+                       ) -> TransformerConfig:
+    """The megatron-core config its DDP, optimizer and pipeline schedules read (dims, parallel
+    degrees, and `dtype`: the parameters' and the hidden states' sent between stages)."""
     return TransformerConfig(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         num_attention_heads=model.num_heads, num_query_groups=model.num_kv_heads,
@@ -39,7 +41,8 @@ def transformer_config(model: ModelConfig, moe: MoEConfig, ctx: ParallelContext,
         use_cpu_initialization=ctx.mp_config.use_cpu_initialization,
         gradient_accumulation_fusion=False, bias_activation_fusion=False,
         masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, add_bias_linear=False, pipeline_dtype=torch.float32,
+        apply_rope_fusion=False, add_bias_linear=False, pipeline_dtype=dtype,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         batch_p2p_comm=False)  # batched p2p over gloo gives wrong gradients (measured)
 
@@ -48,15 +51,19 @@ class MegatronZeRO(WholeParameters):
     def __init__(self, model: nn.Module | list[nn.Module], model_cfg: ModelConfig,
                  moe: MoEConfig, optim: OptimConfig, ctx: ParallelContext,
                  layout: ParallelLayout, num_microbatches: int = 1):
-        self.checkpoint_format = f"megatron-zero{layout.zero_stage}"
-        self.config = transformer_config(model_cfg, moe, ctx, layout)
+        chunks = model if isinstance(model, list) else [model]
+        # bf16 parameters (train.precision=bf16): megatron-core's mixed precision, fp32 main
+        # weights and Adam state in the optimizer and fp32 gradient buffers (grad_reduce_in_fp32).
+        dtype = next(chunks[0].parameters()).dtype
+        bf16 = dtype == torch.bfloat16
+        self.checkpoint_format = f"megatron-zero{layout.zero_stage}" + ("-bf16" if bf16 else "")
+        self.config = transformer_config(model_cfg, moe, ctx, layout, dtype)
         # `pipeline_parallel` grads are summed over the pipeline by _sum_replicated_embedder_grads,
         # not by finalize_model_grads (which would sum after the data-parallel reduce-scatter).
         self.config.has_cond_embedder = False
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=layout.zero_stage >= 1,
             overlap_grad_reduce=layout.overlap_grad_reduce, overlap_param_gather=False)
-        chunks = model if isinstance(model, list) else [model]
         self.modules = [DistributedDataParallel(self.config, ddp_config, chunk)
                         for chunk in chunks]
         self.module = self.modules[0]
@@ -64,7 +71,7 @@ class MegatronZeRO(WholeParameters):
             OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr,
                             weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
                             adam_beta2=optim.betas[1], adam_eps=optim.eps,
-                            clip_grad=optim.grad_clip, bf16=False, params_dtype=torch.float32,
+                            clip_grad=optim.grad_clip, bf16=bf16, params_dtype=dtype,
                             use_distributed_optimizer=layout.zero_stage >= 1),
             self.modules)
         self.num_microbatches = num_microbatches

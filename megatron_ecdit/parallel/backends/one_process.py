@@ -1,6 +1,12 @@
 """The one-process backend: a torch optimizer (AdamW, or the paper's RMSProp with momentum) with
 global-norm gradient clipping, and the helper that creates an optimizer's state before its
 first step (to save it, or to load a checkpoint into it).
+
+With bf16 parameters (`train.precision: bf16`) it trains as megatron-core's mixed precision
+does: every bf16 parameter has an fp32 main weight; its gradient is added into the main
+weight's fp32 gradient as soon as backward produces it (so micro-batches accumulate in fp32),
+clipping, the optimizer and its state see only the fp32 main weights, and the parameters are
+set from them after each step (round to nearest).
 """
 
 from __future__ import annotations
@@ -14,15 +20,15 @@ from megatron_ecdit.config import OptimConfig
 from megatron_ecdit.parallel.backends import WholeParameters
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """Weight decay applies to matrices only (not norms, biases, embedders' biases).
 
     `cfg.implementation` picks torch's per-tensor loop, its multi-tensor (foreach) kernels or,
     for AdamW, its fused kernel (CPU and CUDA; RMSprop has none and takes foreach); torch
     itself takes the loop for CPU tensors unless told otherwise. The fused kernel keeps the
     step count on the parameters' device and reads no scalar back to the host."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    decay = [p for p in params if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in params if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     impl = cfg.implementation
@@ -36,15 +42,34 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 class TorchOptimizer(WholeParameters):
-    """One process: a torch optimizer with global-norm gradient clipping."""
-
-    checkpoint_format = "torch"
+    """One process: a torch optimizer with global-norm gradient clipping, over fp32 main
+    weights where the parameters are bf16 (see the module's docstring)."""
 
     def __init__(self, model: nn.Module, cfg: OptimConfig):
         self.module = model
         self.modules = [model]
-        self.optimizer = build_optimizer(cfg, model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # The optimizer's weight for each parameter: the parameter itself in fp32, else an fp32
+        # main copy that collects the parameter's gradients.
+        self.main = {p: p if p.dtype == torch.float32 else self._main_weight(p) for p in params}
+        self.copies = [(p, main) for p, main in self.main.items() if main is not p]
+        self.optimizer = build_optimizer(cfg, list(self.main.values()))
         self.grad_clip = cfg.grad_clip
+        self.checkpoint_format = "torch" + ("-bf16" if self.copies else "")
+
+    @staticmethod
+    def _main_weight(param: nn.Parameter) -> nn.Parameter:
+        main = nn.Parameter(param.detach().float())
+
+        def accumulate(param: nn.Parameter) -> None:
+            if main.grad is None:
+                main.grad = param.grad.float()
+            else:
+                main.grad.add_(param.grad)
+            param.grad = None
+
+        param.register_post_accumulate_grad_hook(accumulate)
+        return main
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -52,28 +77,47 @@ class TorchOptimizer(WholeParameters):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    @torch.no_grad()
     def reload_model_params(self) -> None:
-        """Nothing to refresh after a load: the optimizer steps the parameters themselves."""
+        """After a load: the main weights take the loaded parameters (a checkpoint of the same
+        precision then restores their exact fp32 values with the optimizer state)."""
+        for param, main in self.copies:
+            main.copy_(param)
 
     def step(self, lr: float) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(list(self.main.values()), self.grad_clip)
         self.optimizer.step()
+        if self.copies:
+            with torch.no_grad():
+                torch._foreach_copy_([p for p, _ in self.copies], [m for _, m in self.copies])
         return float(norm)  # for the log: the step's one read from the device
 
     def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
-        """The optimizer's moments as ShardedTensors shaped like the parameters (megatron-core's
-        helpers for regular torch optimizers); the step count is restored from the checkpoint's
-        step, as every parameter takes every step."""
+        """The optimizer's moments (and the fp32 main weights, as `fp32_param`, megatron's
+        name) as ShardedTensors shaped like the parameters (megatron-core's helpers for regular
+        torch optimizers); the step count is restored from the checkpoint's step, as every
+        parameter takes every step."""
         initialise_state(self.optimizer)  # before the first step there is none yet
         state = self.optimizer.state_dict()
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        model_of = {id(main): p for p, main in self.main.items()}
+        mains = [m for group in self.optimizer.param_groups for m in group["params"]]
+        for index, main in enumerate(mains):
+            if model_of[id(main)] is not main:  # a copy: a load must not write into it
+                state["state"][index]["fp32_param"] = main.detach().clone()
         optim_state_to_sharding_state(
-            state, get_param_id_to_sharded_param_map(model_state, params), exclude_keys=("step",))
+            state, get_param_id_to_sharded_param_map(model_state,
+                                                     [model_of[id(m)] for m in mains]),
+            exclude_keys=("step",))
         return state
 
     def load_state_dict(self, state: dict, step: int) -> None:
+        mains = [m for group in self.optimizer.param_groups for m in group["params"]]
+        with torch.no_grad():
+            for index, param_state in state["state"].items():
+                if "fp32_param" in param_state:
+                    mains[index].copy_(param_state.pop("fp32_param"))
         for param_state in state["state"].values():
             param_state["step"] = torch.tensor(float(step))
         self.optimizer.load_state_dict(state)
