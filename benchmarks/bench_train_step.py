@@ -1,7 +1,7 @@
 """The whole training step (forward, backward, optimizer, EMA), each speed lever on against off.
 
     python benchmarks/bench_train_step.py [--shapes demo xl] [--device cuda] [--iters 8]
-                                          [--peak-tflops 67] [--xl-blocks 2] [--xl-batch 2]
+                                          [--peak-tflops 67 989] [--xl-blocks 2] [--xl-batch 2]
 
 Shapes: `demo` is the embedded default (examples/configs/demo.yaml: 6 blocks, d=128, 64 image
 tokens, 16 images); `xl` is XL-width blocks (d=1152, 18 heads, cond 768, 8 experts with f_c=2
@@ -13,11 +13,13 @@ Levers (the job's switches), each alone and all together, against all off, timed
 in one process (the median of --iters steps each, so a busy machine slows every variant alike):
   compile         train.compile: torch.compile per block (parallel/compile.py)
   optimizer       optim.implementation: fused AdamW (or --optimizer foreach) vs torch's loop
+  bf16            train.precision: bf16 parameters and activations, fp32 main weights,
+                  gradients and Adam state (megatron-style; its own copy of the model)
 FLOPs are the planner's (planning/estimate.py `forward_flops`, times 3 for training). MFU is
-reported against a large GEMM of the same dtype timed between the steps (the honest roofline of
-a CPU) and, with --peak-tflops, against a datasheet peak. The phase breakdown is torch.profiler's
-time per phase of the all-off and all-on steps; backward kernels are charged to the phase of
-the forward op that created them (autograd sequence numbers).
+reported against a large GEMM of the variant's dtype timed between the steps (the honest
+roofline of a CPU) and, with --peak-tflops, against a datasheet peak. The phase breakdown is
+torch.profiler's time per phase of the all-off and all-on steps; backward kernels are charged
+to the phase of the forward op that created them (autograd sequence numbers).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.profiler import profile, record_function  # noqa: E402
 
+from megatron_ecdit.checkpoint.consolidated import DTYPES  # noqa: E402
 from megatron_ecdit.config import Config, paper_model  # noqa: E402
 from megatron_ecdit.diffusion.rectified_flow import flow_matching_loss  # noqa: E402
 from megatron_ecdit.models.attention import Attention  # noqa: E402
@@ -71,19 +74,30 @@ def shape_config(name: str, blocks: int, batch: int) -> Config:
 class Variant:
     name: str
     compile: bool
-    optimizer: TorchOptimizer
+    implementation: str  # the optimizer's
+    precision: str = "fp32"
 
 
 class Bench:
-    """One model and its inputs; one optimizer per implementation (each with its own state)."""
+    """The model in each precision and for each optimizer implementation (the same initial
+    weights), with its EMA and optimizer, and the inputs."""
 
-    def __init__(self, cfg: Config, device: torch.device, implementations: list[str]):
+    def __init__(self, cfg: Config, device: torch.device, variants: list[Variant]):
         self.cfg, self.device = cfg, device
         m, B, L = cfg.model, cfg.train.micro_batch_size, cfg.text_encoder.max_length
         # megatron-core's one-process groups, as the job runs (its linear layers, not torch's).
         ctx = initialize_parallel(ParallelLayout.build(cfg, world_size=1))
-        torch.manual_seed(0)
-        self.model = ECDiT(m, cfg.moe, ctx).to(device)
+        # A model per precision and optimizer implementation: an optimizer of bf16 parameters
+        # owns their gradients (it moves them into its fp32 main weights).
+        self.models, self.emas, self.optimizers = {}, {}, {}
+        for key in sorted({(v.precision, v.implementation) for v in variants}):
+            torch.manual_seed(0)
+            model = ECDiT(m, cfg.moe, ctx).to(device, DTYPES[key[0]])
+            self.models[key] = model
+            self.emas[key] = EMA(model, cfg.optim.ema_decay)
+            self.optimizers[key] = TorchOptimizer(
+                model, dataclasses.replace(cfg.optim, lr=1e-6, implementation=key[1]))
+            apply_compile(model)  # off: run under eager_blocks()
         g = torch.Generator().manual_seed(0)
         x0 = torch.randn(B, m.in_channels, m.input_size, m.input_size, generator=g)
         noise = torch.randn(x0.shape, generator=g)
@@ -93,12 +107,6 @@ class Bench:
             torch.randn(B, L, m.text_dim, generator=g),
             torch.arange(L)[None] < torch.randint(4, L + 1, (B, 1), generator=g)))
         self.target = (noise - x0).to(device)
-        self.ema = EMA(self.model, cfg.optim.ema_decay)
-        self.optimizers = {
-            impl: TorchOptimizer(self.model, dataclasses.replace(cfg.optim, lr=1e-6,
-                                                                 implementation=impl))
-            for impl in implementations}
-        apply_compile(self.model)  # off: run under eager_blocks()
         self.tokens = B * m.num_patches
         dense, expert = forward_flops(cfg, Shape(B, m.num_patches, L))
         self.flops = 3 * (dense + expert)
@@ -106,17 +114,18 @@ class Bench:
     def step(self, variant: Variant) -> float:
         """Seconds of one training step: zero_grad, forward, loss, backward, clip + update,
         EMA."""
-        opt = variant.optimizer
+        key = variant.precision, variant.implementation
+        model, opt = self.models[key], self.optimizers[key]
         synchronize(self.device)
         start = time.perf_counter()
         with nullcontext() if variant.compile else eager_blocks():
             opt.zero_grad()
-            out = self.model(*self.inputs)
-            opt.backward(flow_matching_loss(out.prediction.float(), self.target))
+            out = model(*self.inputs)
+            opt.backward(flow_matching_loss(out.prediction, self.target))
         with record_function("optimizer"):
             opt.step(1e-6)
         with record_function("ema"):
-            self.ema.update(self.model)
+            self.emas[key].update(model)
         synchronize(self.device)
         return time.perf_counter() - start
 
@@ -202,7 +211,7 @@ def phase_times(events, device: torch.device) -> dict[str, float]:
 
 def breakdown(bench: Bench, variant: Variant) -> dict[str, float]:
     """Phase times of one profiled step (compiled blocks are not labelled inside)."""
-    handles = [] if variant.compile else label_modules(bench.model)
+    handles = [] if variant.compile else label_modules(bench.models[variant.precision, variant.implementation])
     try:
         with profile() as prof:
             bench.step(variant)
@@ -224,57 +233,58 @@ def main() -> None:
     parser.add_argument("--xl-batch", type=int, default=2)
     parser.add_argument("--optimizer", default="fused", choices=["fused", "foreach"],
                         help="the optimizer lever's implementation (off: for_loop)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="datasheet fp32 peak of the device, for a second MFU")
+    parser.add_argument("--peak-tflops", type=float, nargs=2, default=None,
+                        metavar=("FP32", "BF16"),
+                        help="datasheet dense peaks of the device, for a second MFU")
     parser.add_argument("--gemm", type=int, default=2048, help="side of the roofline GEMM")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     where = (torch.cuda.get_device_name() if device.type == "cuda"
              else f"CPU, {args.threads} threads")
-    gemm = roofline_gemm(device, torch.float32, args.gemm)
-    print(f"training step, fp32, {where}, torch {torch.__version__}")
+    gemms = {p: roofline_gemm(device, DTYPES[p], args.gemm) for p in ("fp32", "bf16")}
+    print(f"training step, {where}, torch {torch.__version__}")
     fast = args.optimizer
+    variants = [Variant("all off", False, "for_loop"),
+                Variant("compile", True, "for_loop"),
+                Variant(f"optimizer {fast}", False, fast),
+                Variant("bf16", False, "for_loop", "bf16"),
+                Variant("all on", True, fast, "bf16")]
     for name in args.shapes:
         cfg = shape_config(name, args.xl_blocks, args.xl_batch)
-        bench = Bench(cfg, device, ["for_loop", fast])
-        slow_opt, fast_opt = bench.optimizers["for_loop"], bench.optimizers[fast]
-        variants = [Variant("all off", False, slow_opt),
-                    Variant("compile", True, slow_opt),
-                    Variant(f"optimizer {fast}", False, fast_opt),
-                    Variant("all on", True, fast_opt)]
+        bench = Bench(cfg, device, variants)
         m = cfg.model
         print(f"\n{name}: {m.num_layers} blocks, d={m.hidden_size}, {m.num_heads} heads, "
               f"{cfg.moe.num_experts} experts on blocks "
               f"{cfg.moe.moe_layer_indices(m.num_layers)}, {cfg.train.micro_batch_size} x "
               f"{m.num_patches} image tokens, {bench.flops / 1e9:.1f} GFLOP per step")
-        eager_first = bench.step(variants[0])
-        compile_first = bench.step(variants[1])  # compiles the blocks (forward and backward)
-        for v in variants[2:]:
-            bench.step(v)
+        first = {v.name: bench.step(v) for v in variants}  # compiles (forward and backward)
         times: dict[str, list[float]] = {v.name: [] for v in variants}
-        gemm_times = []
+        gemm_times: dict[str, list[float]] = {p: [] for p in gemms}
         for _ in range(args.iters):
             for v in variants:
                 times[v.name].append(bench.step(v))
-            gemm_times.append(gemm())
+            for p, gemm in gemms.items():
+                gemm_times[p].append(gemm())
         base = statistics.median(times["all off"])
-        roofline = 2 * args.gemm ** 3 / statistics.median(gemm_times)
-        print(f"roofline: fp32 {args.gemm}^3 GEMM at {roofline / 1e9:.1f} GFLOP/s (median, "
-              "timed between the steps)")
-        print(f"first compiled step {compile_first:.1f} s (eager first step "
-              f"{eager_first:.2f} s): compile time ~{compile_first - base:.1f} s")
+        roofline = {p: 2 * args.gemm ** 3 / statistics.median(t) for p, t in gemm_times.items()}
+        print("roofline: " + ", ".join(f"{p} {args.gemm}^3 GEMM at {r / 1e9:.1f} GFLOP/s"
+                                       for p, r in roofline.items())
+              + " (medians, timed between the steps)")
+        print(f"first compiled step {first['compile']:.1f} s (eager first step "
+              f"{first['all off']:.2f} s): compile time ~{first['compile'] - base:.1f} s")
         peak = f"{'MFU peak':>9} " if args.peak_tflops else ""
         print(f"{'variant':<18} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>9} "
               f"{'MFU GEMM':>9} {peak}{'speed-up':>9}")
         for v in variants:
             t = statistics.median(times[v.name])
             achieved = bench.flops / t
-            peak_col = (f"{100 * achieved / (args.peak_tflops * 1e12):>8.1f}% "
+            peak_tflops = args.peak_tflops[v.precision == "bf16"] if args.peak_tflops else 0
+            peak_col = (f"{100 * achieved / (peak_tflops * 1e12):>8.1f}% "
                         if args.peak_tflops else "")
             print(f"{v.name:<18} {1e3 * t:>9.1f} {bench.tokens / t:>10.0f} "
-                  f"{achieved / 1e9:>9.1f} {100 * achieved / roofline:>8.1f}% {peak_col}"
-                  f"{base / t:>8.2f}x")
+                  f"{achieved / 1e9:>9.1f} {100 * achieved / roofline[v.precision]:>8.1f}% "
+                  f"{peak_col}{base / t:>8.2f}x")
         off, on = breakdown(bench, variants[0]), breakdown(bench, variants[-1])
         print(f"{'phase (profiled step)':<24} {'all off ms':>10} {'all on ms':>10}")
         for phase in PHASES:
