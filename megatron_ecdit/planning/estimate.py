@@ -313,13 +313,16 @@ def _communication(cfg: Config, lay: ParallelLayout, cluster: Cluster, s: act.Sh
         inside = peers_inside / (lay.ep - 1)
         times["ep"] = (volume * inside / (cluster.nvlink_gb_s * 1e9)
                        + volume * (1 - inside) / (cluster.internode_gb_s * 1e9))
-    if lay.pp > 1:  # hidden states (fp32: the pipeline dtype) forward, gradients back
+    if lay.pp > 1:  # hidden states (the parameters' dtype, megatron's pipeline_dtype) forward,
+        # their gradients back
         volume = nmb * lay.vpp * 2 * 2 * a / (lay.tp if lay.sp else 1)
         comm["pp"] = volume
         times["pp"] = volume / cluster.bandwidth(lay.world_size // lay.pp + 1)
     if lay.world_size > lay.pp * lay.tp or lay.expert_dp > 1:
         # Reduce-scatter of fp32 gradients + all-gather of fp32 parameters (ZeRO-1), or an
         # all-reduce (zero_stage 0): the same bytes per rank. Both groups span world / pp ranks.
+        # Counted so in either precision: under bf16 megatron-core gathers bf16 parameters and
+        # DeepSpeed communicates bf16 gradients, which this does not model yet.
         volume = 4 * p.dense * ring(lay.dp) + 4 * p.expert * ring(lay.expert_dp)
         comm["dp"] = volume
         times["dp"] = volume / cluster.bandwidth(lay.world_size // lay.pp)
