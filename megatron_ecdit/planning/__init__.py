@@ -8,7 +8,9 @@
                     a predicted step time and MFU, under stated assumptions
     search.py       every layout ParallelLayout.build accepts, estimated and ranked
 
-The planner models the code as it runs: fp32 parameters (bf16 is autocast), megatron-core's
-distributed optimizer or DeepSpeed ZeRO, the EMA copy, expert-choice buffers of exactly
-C tokens per expert and pool. It refuses nothing itself: ParallelLayout.build does.
+The planner models the code as it runs: `train.precision` (fp32, or bf16 as megatron-style
+mixed precision: bf16 parameters and activations, fp32 main weights, gradients and Adam state),
+megatron-core's distributed optimizer or DeepSpeed ZeRO, the fp32 EMA copy, expert-choice
+buffers of exactly C tokens per expert and pool. It refuses nothing itself:
+ParallelLayout.build does.
 """

@@ -1,7 +1,8 @@
 """Bytes autograd saves for backward, per block and micro-batch, term by term.
 
 Each term is one tensor the block's forward saves (checked against `saved_tensors_hooks` in
-tests/test_planning.py, dense and EC blocks, one process and at TP2+SP and EP2 under gloo).
+tests/test_planning.py, dense and EC blocks, in fp32 and bf16 in one process and in fp32 at
+TP2+SP and EP2 under gloo).
 `a` is one hidden-state tensor of the micro-batch, b x S x D elements (S = tokens kept per
 image after MaskDiT masking). Tensors of the residual stream are divided by TP only under
 sequence parallelism (megatron-core saves a column-parallel layer's *local* input and gathers
@@ -10,9 +11,11 @@ expert buffers hold E x N tokens per rank (N = C x pools on every EP rank, C = c
 per image), with their hidden split by expert-TP. The EC layer routes the whole gathered
 sequence on every TP rank, so its input is never divided.
 
-dtype: residual-stream terms, norm statistics, router probabilities and the attention
-log-sum-exp stay fp32; GEMM inputs and outputs take the compute dtype (2 bytes under bf16
-autocast, an assumption for GPUs: on CPU megatron's linears do not autocast); indices are int64.
+dtype: tensors take the parameters' dtype (`train.precision`; 2 bytes under bf16) except
+norm statistics, router probabilities and the attention log-sum-exp, which stay fp32, and under
+bf16 the router's fp32 copy of its input; indices are int64. That is the GPU: a CPU saves bf16
+norm statistics and runs the attention core in fp32 (models/attention.py), so there q, k, v and
+the attention output are saved in fp32.
 
 Recompute (`parallel.activation_checkpointing`): `full` keeps only each block's input and
 recomputes the block in backward (one block's activations live again at a time); `moe_only`
@@ -39,7 +42,7 @@ class Shape:
     tp: int = 1
     sp: bool = False
     etp: int = 1
-    compute_bytes: int = 4  # 2 under bf16 autocast
+    compute_bytes: int = 4  # the parameters' dtype: 2 under bf16
 
     @property
     def seq_div(self) -> int:
@@ -77,16 +80,16 @@ def block_terms(m: ModelConfig, moe: MoEConfig, s: Shape,
     stats = 2 * b * S // s.seq_div
     terms = {
         "cond": (b * m.cond_size + 6 * b * D + 2 * b * D, COMPUTE),  # SiLU(c), modulation, 1+scale
-        "self.norm_in": (a_local, FP32), "self.norm_stats": (stats, FP32),
-        "self.normed": (a_local, FP32), "self.qkv_in": (a_local, COMPUTE),
+        "self.norm_in": (a_local, COMPUTE), "self.norm_stats": (stats, FP32),
+        "self.normed": (a_local, COMPUTE), "self.qkv_in": (a_local, COMPUTE),
         **_attention_terms(m, s, S, "self"),
         "self.gated": (a_local, COMPUTE),
-        "cross.norm_in": (a_local, FP32), "cross.norm_stats": (stats, FP32),
+        "cross.norm_in": (a_local, COMPUTE), "cross.norm_stats": (stats, FP32),
         "cross.q_in": (a_local, COMPUTE),
         **_attention_terms(m, s, s.text_tokens, "cross"),
         "cross.mask": (b * s.text_tokens, FP32),
-        "ffn.norm_in": (a_local, FP32), "ffn.norm_stats": (stats, FP32),
-        "ffn.normed": (a_local, FP32), "ffn.in": (a_local, COMPUTE),
+        "ffn.norm_in": (a_local, COMPUTE), "ffn.norm_stats": (stats, FP32),
+        "ffn.normed": (a_local, COMPUTE), "ffn.in": (a_local, COMPUTE),
         "ffn.gated": (a_local, COMPUTE),
     }
     terms.update(ffn_terms(m, moe, s, capacity_factor))
@@ -104,6 +107,7 @@ def ffn_terms(m: ModelConfig, moe: MoEConfig, s: Shape,
     hidden = rows * m.ffn_size // s.etp
     return {
         "moe.routed_in": (b * S * D if s.sp else 0, COMPUTE),  # the gathered sequence
+        "moe.router_in": (b * S * D if s.compute_bytes < 4 else 0, FP32),  # its fp32 copy
         "moe.probs": (b * S * moe.num_experts, FP32),
         "moe.index": (2 * rows, INDEX),  # per pool, and flat
         "moe.buffers": (3 * rows * D, COMPUTE),  # dispatched x, expert output, weighted
@@ -121,7 +125,7 @@ def block_bytes(m: ModelConfig, moe: MoEConfig, s: Shape, capacity_factor: float
                 recompute: str = "none") -> int:
     """Bytes one block keeps for backward between its forward and its backward."""
     if recompute == "full":
-        return b_s_d(m, s) * 4
+        return b_s_d(m, s) * s.compute_bytes
     terms = block_terms(m, moe, s, capacity_factor)
     if recompute == "moe_only" and capacity_factor is not None:
         for name in ffn_terms(m, moe, s, capacity_factor):
@@ -153,5 +157,5 @@ def stage_extra_bytes(m: ModelConfig, s: Shape, first: bool, last: bool) -> int:
         elems += b * s.tokens * (D + m.patch_size ** 2 * m.in_channels)
     if last:
         elems += 3 * b * s.tokens * D
-    return elems * 4
+    return elems * s.compute_bytes
 

@@ -1,12 +1,22 @@
 """One layout on one cluster: memory per GPU, FLOPs, communication, step time and MFU.
 
-Memory follows the code as it runs (per parameter held by a rank, P = dense + expert):
-    weights 4 P (fp32 parameters; bf16 is autocast) + EMA 4 P (fp32 copy on every rank)
-    megatron-core (distributed optimizer): gradients 4 P (fp32 grad buffer), Adam moments
-        8 P_dense / DP + 8 P_expert / EDP (ZeRO-1) or 8 P (zero_stage 0); fp32 master weights
-        are the parameters themselves
-    DeepSpeed ZeRO-1/2: gradients 4 P (ZeRO-1) or partitioned (ZeRO-2), fp32 master copy and
-        moments 12 P_dense / DP + 12 P_expert / EDP, two 5e8-element fp32 buckets at most
+Memory follows the code as it runs, per parameter held by a rank (P = dense + expert; S =
+P_dense / DP + P_expert / EDP, what ZeRO shards):
+    fp32: weights 4 P, EMA 4 P (an fp32 copy on every rank)
+        megatron-core: gradients 4 P (fp32 grad buffer), Adam moments 8 S (distributed
+            optimizer, ZeRO-1) or 8 P (zero_stage 0); the parameters are the main weights
+        DeepSpeed ZeRO-1/2: gradients 4 P (ZeRO-1) or 4 S (ZeRO-2), fp32 master partition and
+            moments 12 S, two 5e8-element fp32 buckets at most
+    bf16 (megatron-style mixed precision): weights 2 P, EMA 4 P; the optimizer state counts
+        the fp32 main weights with the Adam moments
+        megatron-core: gradients 4 P (fp32 grad buffer, grad_reduce_in_fp32), fp32 main weights
+            and moments 12 S (distributed optimizer) or 12 P (zero_stage 0)
+        DeepSpeed ZeRO-1 (its BF16_Optimizer): gradients 4 P (fp32) + 2 P (the parameters' bf16
+            gradients, kept through the step), fp32 master partition and moments 12 S, an fp32
+            all-reduce bucket and its bf16 copy; ZeRO-2: gradients 4 S (an fp32 partition),
+            12 S, one bf16 reduce bucket
+    DeepSpeed ZeRO-3 (either precision): as ZeRO-2, with the weights and the EMA partitioned
+        too (S in place of P) plus about one block's weights gathered
     activations: activations.py per block, times the micro-batches a pipeline stage holds
         (1F1B: pp - stage; interleaved: megatron's warm-up count of chunks), plus one
         recomputed block, the text/caption/final-layer tensors and the largest collective buffer
@@ -33,6 +43,9 @@ from megatron_ecdit.planning.params import ParamCount, rank_params
 
 GiB = 1024 ** 3
 DEEPSPEED_BUCKET = 500_000_000  # elements: DeepSpeed's default reduce and all-gather buckets
+PRECISION = {"fp32": "fp32 parameters, activations, gradients, Adam moments and EMA",
+             "bf16": "bf16 parameters and activations (megatron-style mixed precision); fp32 "
+                     "main weights, gradients, Adam moments and EMA"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,7 @@ class Cluster:
         inside = span <= self.gpus_per_node
         return (self.nvlink_gb_s if inside else self.internode_gb_s) * 1e9
 
-    def assumptions(self) -> list[str]:
+    def assumptions(self, precision: str) -> list[str]:
         return [f"{self.nodes} nodes x {self.gpus_per_node} GPUs, {self.gpu_memory_gib:g} GiB "
                 f"each, {self.reserved_gib:g} GiB reserved (CUDA context, NCCL, fragmentation)",
                 f"peak {self.gpu_tflops:g} TFLOP/s bf16; a GEMM of r rows runs at "
@@ -67,13 +80,12 @@ class Cluster:
                 f"links: {self.nvlink_gb_s:g} GB/s per GPU inside a node (NVLink), "
                 f"{self.internode_gb_s:g} GB/s per GPU between nodes; a group spanning nodes "
                 "runs at the inter-node rate; no overlap of communication with compute",
-                "fp32 parameters, gradients and EMA (bf16 autocast for compute); Adam moments "
-                "fp32; rank order tp-ep-dp-pp (megatron-core)"]
+                PRECISION[precision] + "; rank order tp-ep-dp-pp (megatron-core)"]
 
 
 @dataclass(frozen=True)
 class Run:
-    """What the planner varies besides the degrees: batch split and compute dtype."""
+    """What the planner varies besides the degrees: batch split and `train.precision`."""
 
     global_batch: int
     micro_batch: int
@@ -159,14 +171,7 @@ def estimate(cfg: Config, layout: ParallelLayout, cluster: Cluster, run: Run) ->
     for r in range(lay.pp):
         p = rank_params(m, moe, tp=lay.tp, pp=lay.pp, vpp=lay.vpp, ep=lay.ep, etp=lay.etp,
                         pp_rank=r)
-        if lay.zero == "deepspeed" and lay.zero_stage == 3:
-            # parameters and EMA partitioned over DP, plus about one block's weights gathered
-            sharded = p.dense / lay.dp + p.expert / lay.expert_dp
-            one_block = p.total / (m.num_layers // lay.pp)
-            mem = {"weights": 4 * (sharded + one_block), "ema": 4 * sharded}
-        else:
-            mem = {"weights": 4 * p.total, "ema": 4 * p.total}
-        mem.update(_model_states(lay, p))
+        mem = _model_states(m.num_layers // lay.pp, lay, p, run.precision)
         blocks = [i for v in range(lay.vpp) for i in stage_layers(m.num_layers, lay.pp, lay.vpp, r, v)]
         per_mb = sum(act.block_bytes(m, moe, shape, factors.get(i), lay.recompute) for i in blocks)
         chunk = per_mb / lay.vpp
@@ -175,7 +180,7 @@ def estimate(cfg: Config, layout: ParallelLayout, cluster: Cluster, run: Run) ->
         mem["activations"] = chunk * in_flight + extra * min(in_flight, lay.vpp * nmb)
         mem["recompute_peak"] = max((act.recompute_peak(m, moe, shape, factors.get(i), lay.recompute)
                                      for i in blocks), default=0)
-        mem["collective_buffers"] = _buffers(cfg, lay, shape, p)
+        mem["collective_buffers"] = _buffers(cfg, lay, shape, p, run.precision)
         mem["reserved"] = cluster.reserved_gib * GiB
         total = sum(mem.values())
         if worst is None or total > worst[0]:
@@ -225,16 +230,42 @@ def _chunks_in_flight(lay: ParallelLayout, nmb: int, r: int) -> int:
     return min(nmb * lay.vpp, 2 * (lay.pp - r - 1) + (lay.vpp - 1) * lay.pp + 1)
 
 
-def _model_states(lay: ParallelLayout, p: ParamCount) -> dict[str, float]:
+def _model_states(stage_blocks: int, lay: ParallelLayout, p: ParamCount,
+                  precision: str) -> dict[str, float]:
+    """Weights, EMA, gradients and optimizer state of a rank holding `p` on a stage of
+    `stage_blocks` blocks (the module's docstring says what each backend keeps)."""
+    bf16 = precision == "bf16"
+    weight_bytes = 2 if bf16 else 4
     sharded = p.dense / lay.dp + p.expert / lay.expert_dp
+    if lay.zero == "deepspeed" and lay.zero_stage == 3:
+        # parameters and EMA partitioned over DP, plus about one block's weights gathered
+        one_block = p.total / stage_blocks
+        mem = {"weights": weight_bytes * (sharded + one_block), "ema": 4 * sharded}
+    else:
+        mem = {"weights": weight_bytes * p.total, "ema": 4 * p.total}
     if lay.zero == "megatron":
-        return {"gradients": 4 * p.total,
-                "optimizer": 8 * (sharded if lay.zero_stage >= 1 else p.total)}
-    grads = 4 * (sharded if lay.zero_stage >= 2 else p.total)
-    return {"gradients": grads, "optimizer": 12 * sharded}
+        main = 4 if bf16 else 0  # fp32 main weights beside bf16 parameters
+        mem["gradients"] = 4 * p.total
+        mem["optimizer"] = (main + 8) * (sharded if lay.zero_stage >= 1 else p.total)
+    else:
+        mem["gradients"] = 4 * (sharded if lay.zero_stage >= 2 else p.total)
+        if bf16 and lay.zero_stage == 1:
+            mem["gradients"] += 2 * p.total  # BF16_Optimizer keeps the bf16 gradients too
+        mem["optimizer"] = 12 * sharded
+    return mem
 
 
-def _buffers(cfg: Config, lay: ParallelLayout, s: act.Shape, p: ParamCount) -> float:
+def _deepspeed_bucket_bytes(lay: ParallelLayout, precision: str) -> int:
+    """Bytes per element of DeepSpeed's gradient buckets: in fp32 a reduce and an all-gather
+    bucket; in bf16 under ZeRO-1 (BF16_Optimizer) the fp32 gradients flattened into a bucket
+    and its bf16 copy that is all-reduced, under ZeRO-2/3 one bf16 reduce bucket."""
+    if precision != "bf16":
+        return 2 * 4
+    return 4 + 2 if lay.zero_stage == 1 else 2
+
+
+def _buffers(cfg: Config, lay: ParallelLayout, s: act.Shape, p: ParamCount,
+             precision: str) -> float:
     """The largest temporary of a collective: an SP all-gather of the sequence, an expert
     all-to-all's receive buffer, or DeepSpeed's reduce and all-gather buckets."""
     full = s.batch * s.tokens * cfg.model.hidden_size * s.compute_bytes
@@ -244,7 +275,7 @@ def _buffers(cfg: Config, lay: ParallelLayout, s: act.Shape, p: ParamCount) -> f
         rows = max(act.expert_tokens(s, cfg.moe, f) for f in factors)
         biggest = max(biggest, rows * cfg.model.hidden_size * s.compute_bytes)
     if lay.zero == "deepspeed":
-        biggest += 2 * 4 * min(DEEPSPEED_BUCKET, p.total)
+        biggest += _deepspeed_bucket_bytes(lay, precision) * min(DEEPSPEED_BUCKET, p.total)
     return biggest
 
 
@@ -282,13 +313,16 @@ def _communication(cfg: Config, lay: ParallelLayout, cluster: Cluster, s: act.Sh
         inside = peers_inside / (lay.ep - 1)
         times["ep"] = (volume * inside / (cluster.nvlink_gb_s * 1e9)
                        + volume * (1 - inside) / (cluster.internode_gb_s * 1e9))
-    if lay.pp > 1:  # hidden states (fp32: the pipeline dtype) forward, gradients back
+    if lay.pp > 1:  # hidden states (the parameters' dtype, megatron's pipeline_dtype) forward,
+        # their gradients back
         volume = nmb * lay.vpp * 2 * 2 * a / (lay.tp if lay.sp else 1)
         comm["pp"] = volume
         times["pp"] = volume / cluster.bandwidth(lay.world_size // lay.pp + 1)
     if lay.world_size > lay.pp * lay.tp or lay.expert_dp > 1:
         # Reduce-scatter of fp32 gradients + all-gather of fp32 parameters (ZeRO-1), or an
         # all-reduce (zero_stage 0): the same bytes per rank. Both groups span world / pp ranks.
+        # Counted so in either precision: under bf16 megatron-core gathers bf16 parameters and
+        # DeepSpeed communicates bf16 gradients, which this does not model yet.
         volume = 4 * p.dense * ring(lay.dp) + 4 * p.expert * ring(lay.expert_dp)
         comm["dp"] = volume
         times["dp"] = volume / cluster.bandwidth(lay.world_size // lay.pp)

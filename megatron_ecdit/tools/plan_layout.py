@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     estimates, over = plan(cfg, cluster, args.global_batch, precision=precision, fixed=fixed)
     if args.json:
         print(json.dumps({"cluster": dataclasses.asdict(cluster), "over_budget": over,
-                          "assumptions": cluster.assumptions(),
+                          "assumptions": cluster.assumptions(precision),
                           "layouts": [_as_json(e) for e in estimates[:args.top]]}, indent=1))
         return 0 if estimates else 2
     print(f"{len(estimates)} layouts fit in {cluster.gpu_memory_gib:g} GiB, {over} do not "
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sbatch --nodes={args.nodes} --gpus-per-node={args.gpus_per_node} "
           f"--ntasks-per-node={args.gpus_per_node} examples/slurm/pretrain_ecdit.sbatch "
           f"{config} {over_rides}")
-    print("\nassumptions:\n" + "\n".join(f"  - {line}" for line in cluster.assumptions()))
+    print("\nassumptions:\n"
+          + "\n".join(f"  - {line}" for line in cluster.assumptions(precision)))
     return 0
 
 

@@ -10,8 +10,10 @@ under gloo. Prints one `RESULT {json}` line per check on rank 0, with every rank
   activations   bytes autograd saves per block (planning/measure.SavedBytes) against
                 planning/activations.py, dense and EC blocks, each recompute mode, at TP2+SP,
                 EP2 and TP2+SP x EP2
-  model_states  megatron-core's distributed optimizer at TP2+SP x EP2: Adam moments and the
-                fp32 gradient buffer per rank against the planner's estimate
+  model_states  megatron-core's distributed optimizer at TP2+SP x EP2, over an fp32 and over a
+                bf16 model: the parameters, the fp32 gradient buffer, and the optimizer state
+                (Adam moments, and under bf16 the fp32 main-weight shards) per rank against
+                the planner's estimate
   job           (JOB_JSON: the demo config and the planner's top layout for it at 4 ranks, as
                 overrides) the training Job, built as pretrain_ecdit builds it, trains a few
                 steps at that layout; the bytes autograd saves during its first step and its
@@ -34,6 +36,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 
+from megatron_ecdit.checkpoint.consolidated import DTYPES  # noqa: E402
 from megatron_ecdit.config import load_config  # noqa: E402
 from megatron_ecdit.diffusion.rectified_flow import flow_matching_loss  # noqa: E402
 from megatron_ecdit.models.ecdit import ECDiT, ECDiTBlock, stage_chunks  # noqa: E402
@@ -152,29 +155,38 @@ def activations(spec: dict) -> dict:
 
 
 def state_bytes(backend: MegatronZeRO) -> dict[str, int]:
-    """What megatron-core holds per rank: the fp32 gradient buffers (dense and expert) and the
-    Adam moments of this rank's shard (fp32 main parameters are views of the parameters)."""
+    """What megatron-core holds per rank: the parameters, the fp32 gradient buffers (dense and
+    expert), and the optimizer state of this rank's shard: the Adam moments and the fp32 main
+    weights the optimizer steps, where they are copies (of bf16 parameters; fp32 main weights
+    are views of the parameters)."""
+    params = [p for module in backend.modules for p in module.parameters()]
+    model_storages = {p.untyped_storage().data_ptr() for p in params}
     grads = sum(buffer.grad_data.nbytes for module in backend.modules
                 for buffer in module.buffers + module.expert_parallel_buffers)
-    moments = 0
+    optimizer_state = 0
     for optimizer in backend._optimizers():
+        for group in optimizer.optimizer.param_groups:
+            optimizer_state += sum(main.nbytes for main in group["params"]
+                                   if main.untyped_storage().data_ptr() not in model_storages)
         for state in optimizer.optimizer.state.values():
-            moments += state["exp_avg"].nbytes + state["exp_avg_sq"].nbytes
-    return {"gradients": grads, "optimizer": moments}
+            optimizer_state += state["exp_avg"].nbytes + state["exp_avg_sq"].nbytes
+    return {"weights": sum(p.nbytes for p in params), "gradients": grads,
+            "optimizer": optimizer_state}
 
 
-def model_states() -> dict:
+def model_states(precision: str) -> dict:
     """Megatron-core's distributed optimizer at TP2+SP x EP2 after one step, against the
-    planner's gradients and optimizer bytes for the same layout."""
+    planner's weights, gradients and optimizer bytes for the same layout and precision (the
+    model cast as the training job casts it)."""
     cfg, layout, ctx = setup({"tp": 2, "sp": "true", "ep": 2})
-    model = perturbed([ECDiT(cfg.model, cfg.moe, ctx)], ctx)[0]
+    model = perturbed([ECDiT(cfg.model, cfg.moe, ctx)], ctx)[0].to(DTYPES[precision])
     backend = MegatronZeRO(model, cfg.model, cfg.moe, cfg.optim, ctx, layout)
     backend.zero_grad()
     inputs, target = batch(cfg, MICRO_BATCH, seed=0)
     backend.backward(flow_matching_loss(backend.module(*inputs).prediction, target))
     backend.step(cfg.optim.lr)
     planned = estimate(cfg, layout, Cluster(1, world_size()),
-                       Run(MICRO_BATCH * layout.dp, MICRO_BATCH, "fp32")).memory
+                       Run(MICRO_BATCH * layout.dp, MICRO_BATCH, precision)).memory
     real = state_bytes(backend)
     return {"layout": layout.describe(), "real": real,
             "planned": {k: planned[k] for k in real}}
@@ -207,7 +219,8 @@ def main() -> None:
               "activations TP2+SP": lambda: activations({"tp": 2, "sp": "true"}),
               "activations EP2": lambda: activations({"ep": 2}),
               "activations TP2+SP x EP2": lambda: activations({"tp": 2, "sp": "true", "ep": 2}),
-              "model states TP2+SP x EP2": model_states,
+              "model states fp32 TP2+SP x EP2": lambda: model_states("fp32"),
+              "model states bf16 TP2+SP x EP2": lambda: model_states("bf16"),
               "job": lambda: job(spec)}
     for name, check in checks.items():
         start = time.perf_counter()
