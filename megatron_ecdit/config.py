@@ -263,7 +263,7 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1500
+    steps: int = 3000
     micro_batch_size: int = 16
     # Micro-batches per optimizer step on each data-parallel rank: gradient accumulation, or
     # the micro-batches a pipeline schedule interleaves (the interleaved one needs >= pp).

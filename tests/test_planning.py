@@ -165,8 +165,9 @@ DEMO_BATCH = 64
 
 
 def demo_plan():
-    """The planner's best layout for the demo on 4 ranks, in fp32 (the demo config's
-    train.precision)."""
+    """The planner's best layout for the demo on 4 ranks, in fp32: the job below trains in fp32
+    too (its bf16 on a CPU runs the attention core in fp32, which the per-block test above
+    accounts for; the planner's bf16 is a GPU's)."""
     from megatron_ecdit.planning.estimate import Cluster
     from megatron_ecdit.planning.search import overrides, plan
     fitting, _ = plan(load_config(DEMO), Cluster(**DEMO_CLUSTER), DEMO_BATCH, precision="fp32")
@@ -179,7 +180,7 @@ def gloo(tmp_path_factory):
     numbers; and the demo's plan."""
     out = tmp_path_factory.mktemp("plan")
     best, layout = demo_plan()
-    job = {"config": str(DEMO), "overrides": layout + [
+    job = {"config": str(DEMO), "overrides": layout + ["train.precision=fp32",
         f"data.urls={out}/data/{{000000..000003}}.tar", "data.samples_per_shard=16",
         f"train.output_dir={out}/run", "train.steps=3", "optim.warmup_steps=1"]}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +102,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="one for every MoE block, or one per MoE block")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema",
                         help="of a training checkpoint (an exported folder has one set)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="bf16: the model runs under torch.autocast")
+    parser.add_argument("--precision", choices=("fp32", "bf16"),
+                        help="the model's parameters and activations (default: the run's "
+                             "train.precision)")
     parser.add_argument("--compute-maps", type=int, help="images in compute_map.png, from the "
                         "first batch (default: the run's train.compute_map_prompts; 0: none)")
     args = parser.parse_args(argv)
-    overrides = [*args.overrides] + [f"diffusion.{key}={value}" for key, value in (
-        ("cfg_scale", args.cfg_scale), ("sample_steps", args.steps), ("sampler", args.sampler))
+    overrides = [*args.overrides] + [f"{key}={value}" for key, value in (
+        ("diffusion.cfg_scale", args.cfg_scale), ("diffusion.sample_steps", args.steps),
+        ("diffusion.sampler", args.sampler), ("train.precision", args.precision))
         if value is not None]
     factors = args.capacity_factor
     if factors is not None:
@@ -135,14 +136,12 @@ def generate(job, records: list[dict[str, Any]], args: argparse.Namespace, out: 
     num_moe = len(cfg.moe.moe_layer_indices(cfg.model.num_layers))
     settings = {"checkpoint": str(args.checkpoint), "weights": args.weights,
                 "cfg_scale": cfg.diffusion.cfg_scale, "steps": cfg.diffusion.sample_steps,
-                "sampler": cfg.diffusion.sampler, "precision": args.precision,
+                "sampler": cfg.diffusion.sampler, "precision": cfg.train.precision,
                 "capacity_factors": [cfg.moe.capacity_factor_of(i) for i in range(num_moe)]}
     size = args.batch_size or len(records)
     batches = [(seed, start) for seed in range(args.seed, args.seed + args.images_per_prompt)
                for start in range(0, len(records), size)]
     n_maps = cfg.train.compute_map_prompts if args.compute_maps is None else args.compute_maps
-    autocast = (torch.autocast(job.device.type, dtype=torch.bfloat16)
-                if args.precision == "bf16" else nullcontext())
     writer = job.is_writer  # every rank samples (collectives); rank 0 writes
     if writer:
         out.mkdir(parents=True, exist_ok=True)
@@ -150,8 +149,7 @@ def generate(job, records: list[dict[str, Any]], args: argparse.Namespace, out: 
     for seed, start in tqdm(batches, desc="sample", unit="batch", disable=not writer):
         batch = records[start:start + size]
         prompts = [r["prompt"] for r in batch]
-        with autocast:
-            images, maps = job.generate(prompts, cfg.train.compute_map_timesteps, seed=seed)
+        images, maps = job.generate(prompts, cfg.train.compute_map_timesteps, seed=seed)
         if writer and not written and n_maps > 0 and maps and next(iter(maps.values())):
             save_compute_map(images[:n_maps], prompts[:n_maps],
                              {t: {k: v[:n_maps] for k, v in layer_maps.items()}
