@@ -249,6 +249,7 @@ def main() -> None:
                 Variant("compile", True, "for_loop"),
                 Variant(f"optimizer {fast}", False, fast),
                 Variant("bf16", False, "for_loop", "bf16"),
+                Variant(f"bf16 + {fast}", False, fast, "bf16"),  # the demo's settings
                 Variant("all on", True, fast, "bf16")]
     for name in args.shapes:
         cfg = shape_config(name, args.xl_blocks, args.xl_batch)

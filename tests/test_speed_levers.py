@@ -112,8 +112,9 @@ def test_optimizer_implementations_equal_the_loop(ctx, name, implementations):
                                        msg=f"{implementation}: {key}")
 
 
-def test_multi_tensor_ema_equals_a_lerp_per_tensor():
-    model = tiny_model()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_tensor_ema_equals_a_lerp_per_tensor(dtype):
+    model = tiny_model().to(dtype)
     ema = EMA(model, 0.9)
     expected = {n: v.clone() for n, v in ema.shadow.items()}
     with torch.no_grad():
@@ -121,7 +122,8 @@ def test_multi_tensor_ema_equals_a_lerp_per_tensor():
             p.add_(1.0)
     ema.update(model)
     for name, p in model.named_parameters():
-        assert torch.equal(ema.shadow[name], expected[name].lerp_(p, 0.1)), name
+        assert ema.shadow[name].dtype == torch.float32
+        assert torch.equal(ema.shadow[name], expected[name].lerp_(p.float(), 0.1)), name
 
 
 class HostReads(TorchDispatchMode):

@@ -45,10 +45,17 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        # One multi-tensor lerp over all parameters (the same arithmetic as a lerp_ per tensor).
-        names, params = zip(*model.named_parameters())
-        torch._foreach_lerp_([self.shadow[name] for name in names],
-                             [self.local(p).detach().float() for p in params], 1.0 - self.decay)
+        # One multi-tensor lerp over the fp32 weights (the same arithmetic as a lerp_ per
+        # tensor); bf16 weights one tensor at a time, each fp32 copy freed at once (on a CPU
+        # 8x faster than one multi-tensor call over all the copies, measured at XL width).
+        pairs = [(self.shadow[name], self.local(p).detach())
+                 for name, p in model.named_parameters()]
+        same = [(average, w) for average, w in pairs if w.dtype == average.dtype]
+        if same:
+            torch._foreach_lerp_([a for a, _ in same], [w for _, w in same], 1.0 - self.decay)
+        for average, w in pairs:
+            if w.dtype != average.dtype:
+                average.lerp_(w.float(), 1.0 - self.decay)
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
