@@ -80,10 +80,13 @@ def test_training_job_with_compiled_blocks_trains_like_eager(tmp_path, ctx):
     assert (tmp_path / "compiled/out/samples.png").is_file()
 
 
-def test_compile_is_refused_with_more_than_one_process():
+def test_compile_is_refused_with_deepspeed_only():
     cfg = Config()
     cfg.train.compile = True
-    with pytest.raises(ConfigError, match="train.compile works in one process only"):
+    cfg.parallel.tp = 2
+    assert ParallelLayout.build(cfg, world_size=2).tp == 2
+    cfg.parallel.zero = "deepspeed"
+    with pytest.raises(ConfigError, match="train.compile does not work with parallel.zero=deep"):
         ParallelLayout.build(cfg, world_size=2)
 
 
