@@ -50,29 +50,37 @@ class TorchOptimizer(WholeParameters):
         self.modules = [model]
         params = [p for p in model.parameters() if p.requires_grad]
         # The optimizer's weight for each parameter: the parameter itself in fp32, else an fp32
-        # main copy that collects the parameter's gradients.
+        # main copy whose gradient buffer collects the parameter's gradients.
+        self._written: set[nn.Parameter] = set()  # main gradients written since zero_grad
         self.main = {p: p if p.dtype == torch.float32 else self._main_weight(p) for p in params}
         self.copies = [(p, main) for p, main in self.main.items() if main is not p]
         self.optimizer = build_optimizer(cfg, list(self.main.values()))
         self.grad_clip = cfg.grad_clip
         self.checkpoint_format = "torch" + ("-bf16" if self.copies else "")
 
-    @staticmethod
-    def _main_weight(param: nn.Parameter) -> nn.Parameter:
+    def _main_weight(self, param: nn.Parameter) -> nn.Parameter:
+        """An fp32 copy of `param`. Its gradient buffer is kept from step to step (megatron's
+        main_grad): the first gradient of a step is copied into it, later ones added."""
         main = nn.Parameter(param.detach().float())
 
         def accumulate(param: nn.Parameter) -> None:
             if main.grad is None:
                 main.grad = param.grad.float()
-            else:
+            elif main in self._written:
                 main.grad.add_(param.grad)
+            else:
+                main.grad.copy_(param.grad)
+            self._written.add(main)
             param.grad = None
 
         param.register_post_accumulate_grad_hook(accumulate)
         return main
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        for param, main in self.main.items():
+            if main is param:
+                param.grad = None
+        self._written.clear()  # the main gradient buffers are overwritten next
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -87,6 +95,9 @@ class TorchOptimizer(WholeParameters):
     def step(self, lr: float) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        for _, main in self.copies:  # no gradient this step: none for the optimizer
+            if main not in self._written:
+                main.grad = None
         norm = torch.nn.utils.clip_grad_norm_(list(self.main.values()), self.grad_clip)
         self.optimizer.step()
         if self.copies:
