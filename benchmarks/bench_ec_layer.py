@@ -1,9 +1,9 @@
 """EC-MoE layer speed and memory against its baselines, in one process. Prints a table.
 
     python benchmarks/bench_ec_layer.py [--d 512] [--s 256] [--b 8] [--experts 8 32 64]
-                                        [--device cuda]
+                                        [--device cuda] [--dtype bf16]
 
-Ratios (forward + backward, fp32, median of --iters runs):
+Ratios (forward + backward in --dtype, fp32 by default, median of --iters runs):
   vs dense   time of the EC layer / a dense GELU FFN of hidden f_c * 4d on the same tokens,
              i.e. the same expert FLOPs (goal <= 1.15x)
   vs Alg. 1  time of the literal Algorithm 1 / the EC layer, at S = --s-alg1 (goal >= 10x)
@@ -67,6 +67,38 @@ def saved_bytes(fn, params: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+class ECAgainstDense:
+    """An EC layer (E experts of hidden 4d, capacity factor fc) and a dense GELU FFN of hidden
+    fc * 4d (the same expert FLOPs), on one input of (S, B, d) tokens; on the default device."""
+
+    def __init__(self, d: int, E: int, fc: float, S: int, B: int,
+                 dtype: torch.dtype = torch.float32):
+        self.layer = MoELayer(ExpertChoiceRouter(d, E, fc), GroupedExperts(E, d, 4 * d)).to(dtype)
+        self.w1 = (torch.randn(d, int(fc * 4 * d)) * 0.02).to(dtype).requires_grad_()
+        self.w2 = (torch.randn(int(fc * 4 * d), d) * 0.02).to(dtype).requires_grad_()
+        self.x = torch.randn(S, B, d, dtype=dtype, requires_grad=True)
+
+    def ec(self) -> torch.Tensor:
+        return self.layer(self.x).output.sum()
+
+    def dense(self) -> torch.Tensor:
+        return (F.gelu(self.x @ self.w1, approximate="tanh") @ self.w2).sum()
+
+    def params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [self.x, *self.layer.parameters()], [self.x, self.w1, self.w2]
+
+    def seconds(self, iters: int) -> tuple[float, float]:
+        """Median forward + backward seconds of the EC layer and of the dense FFN."""
+        ec_params, dense_params = self.params()
+        return (timed(lambda: self.ec().backward(), iters, ec_params),
+                timed(lambda: self.dense().backward(), iters, dense_params))
+
+    def memory_ratio(self) -> float:
+        """Bytes saved for backward by the EC layer / by the dense FFN."""
+        ec_params, dense_params = self.params()
+        return saved_bytes(self.ec, ec_params) / saved_bytes(self.dense, dense_params)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--d", type=int, default=512)
@@ -77,37 +109,28 @@ def main() -> None:
     parser.add_argument("--capacity-factor", type=float, default=2.0)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda (fp32 on either)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="of the weights and activations (the router computes in fp32)")
     args = parser.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.set_num_threads(args.threads)
     torch.set_default_device(args.device)
     torch.manual_seed(0)
     d, fc = args.d, args.capacity_factor
     where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
              else f"CPU, {args.threads} threads")
-    print(f"EC-MoE layer, d={d} S={args.s} B={args.b} f_c={fc}, fwd+bwd fp32, {where}, "
+    print(f"EC-MoE layer, d={d} S={args.s} B={args.b} f_c={fc}, fwd+bwd {args.dtype}, {where}, "
           f"torch {torch.__version__}")
     print(f"{'E':>4} {'EC ms':>8} {'dense ms':>9} {'vs dense':>9} {f'EC@S{args.s_alg1}':>9} "
           f"{'Alg1 ms':>9} {'vs Alg.1':>9} {'mem vs dense':>13}")
     for E in args.experts:
-        layer = MoELayer(ExpertChoiceRouter(d, E, fc), GroupedExperts(E, d, 4 * d))
-        w1 = torch.randn(d, int(fc * 4 * d)) * 0.02
-        w2 = torch.randn(int(fc * 4 * d), d) * 0.02
-        w1.requires_grad_(), w2.requires_grad_()
-        x = torch.randn(args.s, args.b, d, requires_grad=True)
+        pair = ECAgainstDense(d, E, fc, args.s, args.b, dtype)
+        layer = pair.layer
+        t_ec, t_dense = pair.seconds(args.iters)
+        mem = pair.memory_ratio()
 
-        def ec(x=x):
-            layer(x).output.sum().backward()
-
-        def dense(x=x):
-            (F.gelu(x @ w1, approximate="tanh") @ w2).sum().backward()
-
-        ec_params, dense_params = [x, *layer.parameters()], [x, w1, w2]
-        t_ec, t_dense = timed(ec, args.iters, ec_params), timed(dense, args.iters, dense_params)
-        mem = saved_bytes(lambda: layer(x).output.sum(), ec_params) / saved_bytes(
-            lambda: (F.gelu(x @ w1, approximate="tanh") @ w2).sum(), dense_params)
-
-        x_long = torch.randn(args.s_alg1, args.b, d, requires_grad=True)
+        x_long = torch.randn(args.s_alg1, args.b, d, dtype=dtype, requires_grad=True)
         x_long_bsd = x_long.detach().transpose(0, 1).contiguous().requires_grad_()
         experts = expert_functions(layer.experts.w1, layer.experts.w2)
         C = layer.router.capacity(args.s_alg1)

@@ -78,6 +78,21 @@ class Variant:
     precision: str = "fp32"
 
 
+def random_batch(cfg: Config, device: torch.device) -> tuple[tuple, torch.Tensor]:
+    """Model inputs (x_t, t, text, mask) and the velocity target of a random batch of the
+    shapes the job feeds (cfg.train.micro_batch_size images; text masks of 4 to L tokens)."""
+    m, B, L = cfg.model, cfg.train.micro_batch_size, cfg.text_encoder.max_length
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(B, m.in_channels, m.input_size, m.input_size, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.rand(B, generator=g)
+    inputs = tuple(v.to(device) for v in (
+        (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise, t,
+        torch.randn(B, L, m.text_dim, generator=g),
+        torch.arange(L)[None] < torch.randint(4, L + 1, (B, 1), generator=g)))
+    return inputs, (noise - x0).to(device)
+
+
 class Bench:
     """The model in each precision and for each optimizer implementation (the same initial
     weights), with its EMA and optimizer, and the inputs."""
@@ -98,36 +113,33 @@ class Bench:
             self.optimizers[key] = TorchOptimizer(
                 model, dataclasses.replace(cfg.optim, lr=1e-6, implementation=key[1]))
             apply_compile(model)  # off: run under eager_blocks()
-        g = torch.Generator().manual_seed(0)
-        x0 = torch.randn(B, m.in_channels, m.input_size, m.input_size, generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.rand(B, generator=g)
-        self.inputs = tuple(v.to(device) for v in (
-            (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise, t,
-            torch.randn(B, L, m.text_dim, generator=g),
-            torch.arange(L)[None] < torch.randint(4, L + 1, (B, 1), generator=g)))
-        self.target = (noise - x0).to(device)
+        self.inputs, self.target = random_batch(cfg, device)
         self.tokens = B * m.num_patches
         dense, expert = forward_flops(cfg, Shape(B, m.num_patches, L))
         self.flops = 3 * (dense + expert)
 
     def step(self, variant: Variant) -> float:
-        """Seconds of one training step: zero_grad, forward, loss, backward, clip + update,
-        EMA."""
-        key = variant.precision, variant.implementation
-        model, opt = self.models[key], self.optimizers[key]
+        """Seconds of one training step, its read of the gradient norm included."""
         synchronize(self.device)
         start = time.perf_counter()
+        float(self.run(variant))  # as TorchOptimizer.step returns it for the log
+        synchronize(self.device)
+        return time.perf_counter() - start
+
+    def run(self, variant: Variant) -> torch.Tensor:
+        """A training step less its one read: zero_grad, forward, loss, backward, clip +
+        update, EMA; returns the gradient norm (on the device)."""
+        key = variant.precision, variant.implementation
+        model, opt = self.models[key], self.optimizers[key]
         with nullcontext() if variant.compile else eager_blocks():
             opt.zero_grad()
             out = model(*self.inputs)
             opt.backward(flow_matching_loss(out.prediction, self.target))
         with record_function("optimizer"):
-            opt.step(1e-6)
+            norm = opt.update(1e-6)
         with record_function("ema"):
             self.emas[key].update(model)
-        synchronize(self.device)
-        return time.perf_counter() - start
+        return norm
 
 
 def roofline_gemm(device: torch.device, dtype: torch.dtype, n: int):
@@ -145,6 +157,31 @@ def roofline_gemm(device: torch.device, dtype: torch.dtype, n: int):
 
     seconds()
     return seconds
+
+
+@dataclasses.dataclass
+class Timings:
+    """Seconds of each variant's first step (it compiles) and the median of its timed steps;
+    the roofline GEMM's FLOP/s per precision (median)."""
+    first: dict[str, float]
+    step: dict[str, float]
+    roofline: dict[str, float]
+
+
+def time_steps(bench: Bench, variants: list[Variant], iters: int, gemm: int) -> Timings:
+    """Each variant's first step, then `iters` rounds of a step of every variant and a
+    gemm x gemm x gemm matmul of each precision (round-robin: a busy machine slows all alike)."""
+    gemms = {p: roofline_gemm(bench.device, DTYPES[p], gemm) for p in ("fp32", "bf16")}
+    first = {v.name: bench.step(v) for v in variants}  # compiles (forward and backward)
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    gemm_times: dict[str, list[float]] = {p: [] for p in gemms}
+    for _ in range(iters):
+        for v in variants:
+            times[v.name].append(bench.step(v))
+        for p, seconds in gemms.items():
+            gemm_times[p].append(seconds())
+    return Timings(first, {name: statistics.median(t) for name, t in times.items()},
+                   {p: 2 * gemm ** 3 / statistics.median(t) for p, t in gemm_times.items()})
 
 
 # --------------------------------------------------------------------------- phase breakdown
@@ -242,7 +279,6 @@ def main() -> None:
     device = torch.device(args.device)
     where = (torch.cuda.get_device_name() if device.type == "cuda"
              else f"CPU, {args.threads} threads")
-    gemms = {p: roofline_gemm(device, DTYPES[p], args.gemm) for p in ("fp32", "bf16")}
     print(f"training step, {where}, torch {torch.__version__}")
     fast = args.optimizer
     variants = [Variant("all off", False, "for_loop"),
@@ -259,16 +295,8 @@ def main() -> None:
               f"{cfg.moe.num_experts} experts on blocks "
               f"{cfg.moe.moe_layer_indices(m.num_layers)}, {cfg.train.micro_batch_size} x "
               f"{m.num_patches} image tokens, {bench.flops / 1e9:.1f} GFLOP per step")
-        first = {v.name: bench.step(v) for v in variants}  # compiles (forward and backward)
-        times: dict[str, list[float]] = {v.name: [] for v in variants}
-        gemm_times: dict[str, list[float]] = {p: [] for p in gemms}
-        for _ in range(args.iters):
-            for v in variants:
-                times[v.name].append(bench.step(v))
-            for p, gemm in gemms.items():
-                gemm_times[p].append(gemm())
-        base = statistics.median(times["all off"])
-        roofline = {p: 2 * args.gemm ** 3 / statistics.median(t) for p, t in gemm_times.items()}
+        timings = time_steps(bench, variants, args.iters, args.gemm)
+        base, roofline, first = timings.step["all off"], timings.roofline, timings.first
         print("roofline: " + ", ".join(f"{p} {args.gemm}^3 GEMM at {r / 1e9:.1f} GFLOP/s"
                                        for p, r in roofline.items())
               + " (medians, timed between the steps)")
@@ -278,7 +306,7 @@ def main() -> None:
         print(f"{'variant':<18} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>9} "
               f"{'MFU GEMM':>9} {peak}{'speed-up':>9}")
         for v in variants:
-            t = statistics.median(times[v.name])
+            t = timings.step[v.name]
             achieved = bench.flops / t
             peak_tflops = args.peak_tflops[v.precision == "bf16"] if args.peak_tflops else 0
             peak_col = (f"{100 * achieved / (peak_tflops * 1e12):>8.1f}% "

@@ -1,33 +1,28 @@
 """Speed levers equal the plain path (fp32, 1e-5): compiled blocks, torch's optimizer
 implementations, the multi-tensor EMA; bf16 parameters with fp32 main weights within the
-documented tolerance (BF16_RTOL, >= 99.5% of expert choices equal); and a training step reads
-nothing back from the device except its documented logging point. Timings are benchmarks/bench_train_step.py's job."""
-
-import traceback
-from pathlib import Path
+documented tolerance (training/step_checks.py: BF16_RTOL, >= 99.5% of expert choices equal);
+and a training step reads nothing back from the device except its documented logging point.
+Timings are benchmarks/bench_train_step.py's job; benchmarks/gpu/check_gpu.py runs the bf16
+and host-read checks on a GPU."""
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from megatron_ecdit.config import Config, ConfigError, ModelConfig, MoEConfig, OptimConfig
+from megatron_ecdit.config import Config, ConfigError, OptimConfig
 from megatron_ecdit.diffusion.rectified_flow import flow_matching_loss
 from megatron_ecdit.models.ecdit import ECDiT
 from megatron_ecdit.parallel.backends.one_process import TorchOptimizer
 from megatron_ecdit.parallel.compile import apply_compile, eager_blocks
 from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.training.optim import EMA
-
-aten = torch.ops.aten
+from megatron_ecdit.training.step_checks import (HostCopies, HostReads, bf16_against_fp32,
+                                                 tiny_model_config)
 
 
 def tiny_model() -> ECDiT:
     """Two blocks: a dense one and an EC-MoE one (4 experts), 16 tokens per image."""
     torch.manual_seed(0)
-    model = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, input_size=8,
-                        patch_size=2, text_dim=16)
-    return ECDiT(model, MoEConfig(num_experts=4))
+    return ECDiT(*tiny_model_config())
 
 
 def batch(B: int = 2, L: int = 5, seed: int = 1):
@@ -131,43 +126,6 @@ def test_multi_tensor_ema_equals_a_lerp_per_tensor(dtype, monkeypatch):
         assert torch.equal(ema.shadow[name], expected[name].lerp_(p.float(), 0.1)), name
 
 
-class HostReads(TorchDispatchMode):
-    """Records every op that makes the host wait for the device: a scalar read (`item`,
-    `float`, `int`, `bool` of a tensor all reach aten._local_scalar_dense) or an op whose output
-    shape depends on the data (nonzero, masked_select, unique; boolean-mask indexing runs
-    nonzero). Python-level copies to the host (`tolist`, `cpu`, `numpy`) are caught by
-    `HostCopies`. Each read keeps the tensor read and the innermost project frame."""
-
-    SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten._unique2,
-               aten.unique_consecutive, aten.unique_dim}
-
-    def __init__(self):
-        super().__init__()
-        self.reads: list[tuple[str, torch.Tensor, str]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in self.SYNCING:
-            self.reads.append((str(func), args[0], where()))
-        return func(*args, **(kwargs or {}))
-
-
-class HostCopies(TorchFunctionMode):
-    def __init__(self, reads: list):
-        super().__init__()
-        self.reads = reads
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy):
-            self.reads.append((func.__name__, args[0], where()))
-        return func(*args, **(kwargs or {}))
-
-
-def where() -> str:
-    frames = [f for f in traceback.extract_stack() if "megatron_ecdit" in f.filename
-              and "test_" not in f.filename]
-    return f"{Path(frames[-1].filename).name}:{frames[-1].name}" if frames else "torch"
-
-
 @pytest.mark.parametrize("implementation,dtype", [("fused", torch.float32),
                                                   ("foreach", torch.float32),
                                                   ("fused", torch.bfloat16)])
@@ -198,63 +156,14 @@ def test_training_step_reads_nothing_back_from_the_device(ctx, implementation, d
 
 # ------------------------------------------------------------------ bf16 (megatron-style)
 
-# bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2%); through two blocks, the
-# prediction and the gradients move by well under 1% (measured up to 0.45%), and a few expert choices
-# at the boundary of an expert's top-C flip.
-BF16_RTOL = 2e-2
-BF16_CHOICES = 0.995
-
-
-def routed_tokens(model: ECDiT) -> list:
-    """Forward hooks recording, per MoE router call, each (expert, slot)'s token index."""
-    recorded = []
-    for module in model.modules():
-        if module.__class__.__name__ == "ExpertChoiceRouter":
-            module.register_forward_hook(lambda m, args, out: recorded.append(out.token_index_EN))
-    return recorded
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 def test_bf16_parameters_compute_like_fp32(ctx):
     """Same initial weights, same batch: the prediction and each gradient (the fp32 main
-    weights' gradient under bf16) within BF16_RTOL, and >= 99.5% of the expert choices equal."""
-    fp32 = tiny_model()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # away from the zero-initialised outputs, as after some training
-        for p in fp32.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    bf16 = tiny_model()
-    bf16.load_state_dict(fp32.state_dict())
-    bf16.to(torch.bfloat16)
-    backend = TorchOptimizer(bf16, OptimConfig())
+    weights' gradient under bf16) within BF16_RTOL, and >= 99.5% of the expert choices equal
+    (step_checks.bf16_against_fp32, which the GPU check runs at XL width)."""
     inputs, target = batch(B=64)
-    choices = {}
-    outputs = {}
-    for name, model in (("fp32", fp32), ("bf16", bf16)):
-        choices[name] = routed_tokens(model)
-        out = model(*inputs)
-        assert out.prediction.dtype == torch.float32  # the model hands back fp32
-        flow_matching_loss(out.prediction, target).backward()
-        outputs[name] = out.prediction.detach()
-    assert all(p.dtype == torch.bfloat16 and p.grad is None for p in bf16.parameters())
-    assert relative_error(outputs["bf16"], outputs["fp32"]) <= BF16_RTOL
-    # Each gradient relative to its own norm, or to 1% of the whole gradient's for those that
-    # are zero in exact arithmetic (the key bias: softmax ignores a shift) and only noise.
-    whole = torch.cat([p.grad.reshape(-1) for p in fp32.parameters()]).norm()
-    for (name, p32), p16 in zip(fp32.named_parameters(), bf16.parameters()):
-        main = backend.main[p16]
-        assert main.dtype == torch.float32 and main.grad.dtype == torch.float32
-        error = (main.grad - p32.grad).norm() / torch.maximum(p32.grad.norm(), 1e-2 * whole)
-        assert error <= BF16_RTOL, name
-    agree = total = 0
-    for ref, mine in zip(choices["fp32"], choices["bf16"]):
-        for e in range(ref.shape[0]):  # (E, N): the tokens each expert chose
-            ref_set, mine_set = set(ref[e].tolist()), set(mine[e].tolist())
-            agree, total = agree + len(ref_set & mine_set), total + len(ref_set)
-    assert total >= 1000 and agree / total >= BF16_CHOICES, (agree, total)
+    result = bf16_against_fp32(tiny_model, inputs, target)
+    assert result.choices >= 1000
+    assert result.failures() == []
 
 
 def test_bf16_gradients_accumulate_in_fp32_and_the_step_updates_the_main_weights(ctx):

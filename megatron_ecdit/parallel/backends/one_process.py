@@ -93,6 +93,11 @@ class TorchOptimizer(WholeParameters):
             main.copy_(param)
 
     def step(self, lr: float) -> float:
+        return float(self.update(lr))  # for the log: the step's one read from the device
+
+    def update(self, lr: float) -> torch.Tensor:
+        """The step less its read: clip, update the main weights, set the parameters from them;
+        returns the gradient norm on the device."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for _, main in self.copies:  # no gradient this step: none for the optimizer
@@ -103,7 +108,7 @@ class TorchOptimizer(WholeParameters):
         if self.copies:
             with torch.no_grad():
                 torch._foreach_copy_([p for p, _ in self.copies], [m for _, m in self.copies])
-        return float(norm)  # for the log: the step's one read from the device
+        return norm
 
     def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
         """The optimizer's moments (and the fp32 main weights, as `fp32_param`, megatron's
