@@ -15,8 +15,8 @@ from megatron_ecdit.parallel.backends.one_process import TorchOptimizer
 from megatron_ecdit.parallel.compile import apply_compile, eager_blocks
 from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.training.optim import EMA
-from megatron_ecdit.training.step_checks import (HostCopies, HostReads, bf16_against_fp32,
-                                                 tiny_model_config)
+from megatron_ecdit.training.step_checks import (BF16_CHOICES, HostCopies, HostReads,
+                                                 bf16_against_fp32, tiny_model_config)
 
 
 def tiny_model() -> ECDiT:
@@ -158,12 +158,14 @@ def test_training_step_reads_nothing_back_from_the_device(ctx, implementation, d
 
 def test_bf16_parameters_compute_like_fp32(ctx):
     """Same initial weights, same batch: the prediction and each gradient (the fp32 main
-    weights' gradient under bf16) within BF16_RTOL, and >= 99.5% of the expert choices equal
-    (step_checks.bf16_against_fp32, which the GPU check runs at XL width)."""
+    weights' gradient under bf16) within BF16_RTOL, and >= 99.5% of the expert choices equal,
+    given the same input and end to end (step_checks.bf16_against_fp32, which the GPU check
+    runs at XL width)."""
     inputs, target = batch(B=64)
     result = bf16_against_fp32(tiny_model, inputs, target)
-    assert result.choices >= 1000
+    assert result.choices == result.layer_choices >= 1000
     assert result.failures() == []
+    assert result.agreeing >= BF16_CHOICES * result.choices
 
 
 def test_bf16_gradients_accumulate_in_fp32_and_the_step_updates_the_main_weights(ctx):

@@ -48,6 +48,10 @@ class Bf16Comparison:
     gradients: dict[str, float]  # per parameter: its main gradient's error (bf16_against_fp32)
     agreeing: int  # expert choices (an expert, a token) made in both precisions
     choices: int  # expert choices made in fp32
+    # The same per router given fp32's input to it (rounded to bf16): the bf16 layer's own
+    # effect, without the differences earlier blocks hand on, which grow with depth and width.
+    layer_agreeing: int
+    layer_choices: int
     problems: list[str]  # broken rules of the mixed precision (dtypes, gradients left behind)
 
     def worst_gradient(self) -> tuple[str, float]:
@@ -61,26 +65,40 @@ class Bf16Comparison:
         return self.worst_gradient()[1] <= BF16_RTOL
 
     def choices_ok(self) -> bool:
-        return self.agreeing >= BF16_CHOICES * self.choices
+        return self.layer_agreeing >= BF16_CHOICES * self.layer_choices
 
     def failures(self) -> list[str]:
         name, error = self.worst_gradient()
         return self.problems + [message for ok, message in (
             (self.prediction_ok(), f"prediction error {self.prediction:.2e} > {BF16_RTOL:.0e}"),
             (self.gradients_ok(), f"gradient error of {name} {error:.2e} > {BF16_RTOL:.0e}"),
-            (self.choices_ok(), f"{self.agreeing} of {self.choices} expert choices agree "
-                                f"(< {100 * BF16_CHOICES:.1f}%)")) if not ok]
+            (self.choices_ok(), f"{self.layer_agreeing} of {self.layer_choices} expert choices "
+                                f"agree given the same input (< {100 * BF16_CHOICES:.1f}%)"))
+            if not ok]
 
 
-def routed_tokens(model: nn.Module) -> tuple[list[torch.Tensor], list]:
-    """Forward hooks recording, per MoE router call, each (expert, slot)'s token index; returns
-    the list they fill and their handles."""
+def routers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if m.__class__.__name__ == "ExpertChoiceRouter"]
+
+
+def routed_tokens(model: nn.Module) -> tuple[list[tuple], list]:
+    """Forward hooks recording, per MoE router call, its inputs and each (expert, slot)'s token
+    index; returns the list they fill and their handles."""
     recorded, handles = [], []
-    for module in model.modules():
-        if module.__class__.__name__ == "ExpertChoiceRouter":
-            handles.append(module.register_forward_hook(
-                lambda m, args, out: recorded.append(out.token_index_EN)))
+    for router in routers(model):
+        handles.append(router.register_forward_hook(
+            lambda m, args, out: recorded.append((args, out.token_index_EN))))
     return recorded, handles
+
+
+def agreement(pairs) -> tuple[int, int]:
+    """(choices made in both, choices of the reference) over (reference, other) token-index
+    tensors (E, N): the tokens each expert chose."""
+    agreeing = total = 0
+    for ref, mine in pairs:
+        agreeing += sum(int(torch.isin(m, r).sum()) for m, r in zip(mine, ref))
+        total += ref.numel()
+    return agreeing, total
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -133,12 +151,14 @@ def bf16_against_fp32(build: Callable[[], nn.Module], inputs: tuple,
             problems.append(f"{name}: main weight {main.dtype}, its gradient {main.grad.dtype}")
         gradients[name] = float((main.grad - p32.grad).norm()
                                 / torch.maximum(p32.grad.norm(), 1e-2 * whole))
-    agreeing = choices_made = 0
-    for ref, mine in zip(choices["fp32"], choices["bf16"]):  # (E, N): the tokens each chose
-        agreeing += sum(int(torch.isin(m, r).sum()) for m, r in zip(mine, ref))
-        choices_made += ref.numel()
+    agreeing, choices_made = agreement(
+        (ref, mine) for (_, ref), (_, mine) in zip(choices["fp32"], choices["bf16"]))
+    with torch.no_grad():  # each bf16 router on the input its fp32 twin saw
+        same_input = [(ref, router(*(None if a is None else a.bfloat16() for a in args))
+                       .token_index_EN)
+                      for router, (args, ref) in zip(routers(bf16), choices["fp32"])]
     return Bf16Comparison(relative_error(predictions["bf16"], predictions["fp32"]), gradients,
-                          agreeing, choices_made, problems)
+                          agreeing, choices_made, *agreement(same_input), problems)
 
 
 # ------------------------------------------------------------------ reads from the device
