@@ -40,7 +40,6 @@ def build_optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim
                                momentum=cfg.momentum, foreach=impl != "for_loop")
 
 
-
 class TorchOptimizer(WholeParameters):
     """One process: a torch optimizer with global-norm gradient clipping, over fp32 main
     weights where the parameters are bf16 (see the module's docstring)."""
