@@ -76,6 +76,8 @@ LAYOUTS = {  # name: (processes, overrides, reference)
     "TP2+SP-compile": (2, ["parallel.tp=2", "parallel.sp=true", "train.compile=true"], "one"),
     "PP2-compile": (2, ["parallel.pp=2", "train.compile=true"], "one"),
     "EP2-compile": (2, ["parallel.ep=2", "train.compile=true"], "DP2"),
+    "DeepSpeed-ZeRO1-DP2-compile": (2, ["parallel.zero=deepspeed", "parallel.zero_stage=1",
+                                        "train.compile=true"], "DP2"),
     "one-bf16": (1, [*BF16, HALF], "one"),
     "TP2-bf16": (2, ["parallel.tp=2", *BF16], "one-bf16"),
     "PP2-bf16": (2, ["parallel.pp=2", *BF16], "one-bf16"),

@@ -75,14 +75,17 @@ def test_training_job_with_compiled_blocks_trains_like_eager(tmp_path, ctx):
     assert (tmp_path / "compiled/out/samples.png").is_file()
 
 
-def test_compile_is_refused_with_deepspeed_only():
+def test_compile_is_refused_with_deepspeed_zero_2_and_3_only():
     cfg = Config()
     cfg.train.compile = True
     cfg.parallel.tp = 2
     assert ParallelLayout.build(cfg, world_size=2).tp == 2
-    cfg.parallel.zero = "deepspeed"
-    with pytest.raises(ConfigError, match="train.compile does not work with parallel.zero=deep"):
-        ParallelLayout.build(cfg, world_size=2)
+    cfg.parallel.zero, cfg.parallel.zero_stage = "deepspeed", 1
+    assert ParallelLayout.build(cfg, world_size=2).zero_stage == 1
+    for stage in (2, 3):
+        cfg.parallel.zero_stage = stage
+        with pytest.raises(ConfigError, match="train.compile does not work with DeepSpeed ZeRO"):
+            ParallelLayout.build(cfg, world_size=2)
 
 
 def train_three_steps(implementation: str, name: str = "adamw") -> dict[str, torch.Tensor]:

@@ -17,10 +17,11 @@ dropped from the graphs.
 More than one process: the collectives of TP, SP and EP break graphs too (dynamo does not
 trace megatron-core's async_op=True all-reduces); between them blocks are compiled as in one
 process. The training job with compiled blocks, megatron-core's DDP and distributed optimizer
-and its pipeline schedules trains like one process at TP2+SP and PP2, and EP2 like DP2
-(tests/test_entry_point.py, 1e-5). With DeepSpeed ZeRO the gradients of compiled blocks
-differed from eager ones (ZeRO-2 DP2: gradient norm 1.3% off after 6 steps; the cause is not
-found), so `ParallelLayout.build` refuses compile with DeepSpeed.
+and its pipeline schedules trains like one process at TP2+SP and PP2, and EP2 and DeepSpeed
+ZeRO-1 like DP2 (tests/test_entry_point.py, 1e-5). With DeepSpeed ZeRO-2, which reduces
+gradients from hooks during backward, the gradients of compiled blocks differed from eager
+ones (DP2: gradient norm 1.3% off after 6 steps; the cause is not found), so
+`ParallelLayout.build` refuses compile with ZeRO-2 and ZeRO-3 (not tried).
 
 Sampling (no gradients, another batch) runs the blocks eagerly (`eager_blocks`): a handful of
 sampler calls does not repay a compilation, and a second set of graphs per sampler batch would
