@@ -3,7 +3,7 @@
 Every tensor is described in *model space*: its key is the parameter's name in the
 single-process model (blocks keep their global index at any pipeline layout), its global shape
 is the full tensor's, and this rank's piece is placed by the splits the parameter's tags
-declare (`models/param_tags.splits_of`: TP layers split one axis over TP; grouped experts split
+declare (`layers/param_tags.splits_of`: TP layers split one axis over TP; grouped experts split
 experts over EP and their hidden size over expert TP); `pipeline_parallel` embedders are
 replicated on every stage. Everything else is replicated. `replica_id` is megatron's (PP, TP, DP) triple; the copy with
 (0, 0, 0) is the one written. Because the format knows only the full tensors, a checkpoint
@@ -20,10 +20,10 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing import ShardedTensor
 from torch import nn
 
-from megatron_ecdit.models.param_tags import is_expert, splits_of
+from megatron_ecdit.layers.param_tags import is_expert, splits_of
 
 
-_RANK_AND_SIZE = {  # megatron-core's view of each kind of split (models/param_tags.Split)
+_RANK_AND_SIZE = {  # megatron-core's view of each kind of split (layers/param_tags.Split)
     "ep": (ps.get_expert_model_parallel_rank, ps.get_expert_model_parallel_world_size),
     "etp": (ps.get_expert_tensor_parallel_rank, ps.get_expert_tensor_parallel_world_size),
     "tp": (ps.get_tensor_model_parallel_rank, ps.get_tensor_model_parallel_world_size),

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_ecdit.models.tensor_parallel import ColumnLinear, ParallelContext, RowLinear
+from megatron_ecdit.layers.tensor_parallel import ColumnLinear, ParallelContext, RowLinear
 
 
 def _heads(x_SBX: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -31,8 +31,8 @@ from megatron_ecdit.config import ModelConfig, MoEConfig
 from megatron_ecdit.models.attention import Attention
 from megatron_ecdit.models.embedders import (CaptionProjection, PatchEmbed, TimestepEmbedder,
                                              sincos_pos_embed_2d, unpatchify)
-from megatron_ecdit.models.param_tags import declare_linear_init, declare_norm_init
-from megatron_ecdit.models.tensor_parallel import ColumnLinear, ParallelContext
+from megatron_ecdit.layers.param_tags import declare_linear_init, declare_norm_init
+from megatron_ecdit.layers.tensor_parallel import ColumnLinear, ParallelContext
 from megatron_ecdit.moe.layer import FFNOutput, MoELayer, RoutingStats, build_ffn
 
 

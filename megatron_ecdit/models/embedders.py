@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_ecdit.models.param_tags import (declare_init, declare_linear_init, xavier_uniform,
+from megatron_ecdit.layers.param_tags import (declare_init, declare_linear_init, xavier_uniform,
                                               zeros)
 
 

@@ -24,7 +24,7 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
 from torch import nn
 
 from megatron_ecdit.config import Activation
-from megatron_ecdit.models.param_tags import declare_init, normal
+from megatron_ecdit.layers.param_tags import declare_init, normal
 
 
 class GroupedExperts(nn.Module):
@@ -49,7 +49,7 @@ class GroupedExperts(nn.Module):
                 continue
             declare_init(w, normal(std))
             # megatron-core's DDP reads `allreduce` to reduce expert grads over expert-DP
-            # only; models/param_tags.splits_of reads expert_dims = (EP dim, expert-TP dim).
+            # only; layers/param_tags.splits_of reads expert_dims = (EP dim, expert-TP dim).
             w.allreduce = False
             w.expert_dims = (0, etp_dim)
             # Split over expert-TP, each rank's shard is distinct: marked as megatron marks TP

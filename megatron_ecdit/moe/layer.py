@@ -30,7 +30,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from megatron_ecdit.config import MoEConfig
-from megatron_ecdit.models.tensor_parallel import ColumnLinear, ParallelContext, RowLinear
+from megatron_ecdit.layers.tensor_parallel import ColumnLinear, ParallelContext, RowLinear
 from megatron_ecdit.moe.dispatch import AllToAllDispatcher
 from megatron_ecdit.moe.experts import GroupedExperts
 from megatron_ecdit.moe.router import ExpertChoiceRouter, Routing, TokenChoiceRouter

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ecdit.config import ConfigError, GateKind, PoolKind
-from megatron_ecdit.models.param_tags import declare_init, normal
+from megatron_ecdit.layers.param_tags import declare_init, normal
 
 
 def expert_capacity(tokens_per_pool: int, num_experts: int, capacity_factor: float,

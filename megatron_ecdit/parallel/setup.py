@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 
-from megatron_ecdit.models.tensor_parallel import ParallelContext
+from megatron_ecdit.layers.tensor_parallel import ParallelContext
 from megatron_ecdit.parallel import cpu_compat
 from megatron_ecdit.parallel.launch import discover
 from megatron_ecdit.parallel.layout import ParallelLayout

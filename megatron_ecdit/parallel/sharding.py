@@ -2,7 +2,7 @@
 
 megatron-core marks tensor-parallel parameters with `tensor_model_parallel`, `partition_dim`
 and `partition_stride`; our grouped experts mark `expert_dims` (the dim split over expert
-parallelism, and the dim split over expert tensor parallelism); see models/param_tags.py.
+parallelism, and the dim split over expert tensor parallelism); see layers/param_tags.py.
 Everything else is replicated. Used to draw a model's initial weights independently of the
 layout (`initialize`), to start a parallel model from single-process weights (tests, import
 of consolidated checkpoints) and to gather shards back for comparison and export.
@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_ecdit.models.param_tags import initializer_of, is_expert, splits_of
-from megatron_ecdit.models.tensor_parallel import ParallelContext
+from megatron_ecdit.layers.param_tags import initializer_of, is_expert, splits_of
+from megatron_ecdit.layers.tensor_parallel import ParallelContext
 
 
 def _rank(group: Optional[dist.ProcessGroup]) -> int:
@@ -40,7 +40,7 @@ def _group(ctx: ParallelContext, kind: str) -> Optional[dist.ProcessGroup]:
 
 
 def shard_of(param: torch.Tensor, full: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """This rank's slice of `full` for `param` (models/param_tags.splits_of)."""
+    """This rank's slice of `full` for `param` (layers/param_tags.splits_of)."""
     for split in splits_of(param):
         full = _split(full, split.dim, _group(ctx, split.group))
     return full

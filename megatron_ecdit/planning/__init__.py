@@ -1,7 +1,7 @@
 """Layout planning for EC-DiT: what one rank holds, stores and computes at a parallel layout.
 
     params.py       parameters of one rank, counted from the real modules on the meta device
-                    and cut by the same split rule as the code (models/param_tags.splits_of)
+                    and cut by the same split rule as the code (layers/param_tags.splits_of)
     activations.py  bytes autograd saves per block and micro-batch (checked against
                     saved_tensors_hooks: measure.py)
     estimate.py     one layout on one cluster: memory per GPU itemised, FLOPs, communication,

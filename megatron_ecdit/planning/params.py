@@ -2,7 +2,7 @@
 
 The unsharded parts of the network (embedders, patch embedding, final layer, one dense block,
 one MoE block) are built once on the meta device, and each parameter is cut by its splits
-(`models/param_tags.splits_of`): the rule sharding, checkpoints and the layers themselves
+(`layers/param_tags.splits_of`): the rule sharding, checkpoints and the layers themselves
 follow. So a count here cannot drift from the code; tests/test_planning.py also builds the
 real shard of chosen ranks at 64 to 512 ranks under a fake process group and compares.
 
@@ -24,8 +24,8 @@ from torch import nn
 
 from megatron_ecdit.config import ModelConfig, MoEConfig
 from megatron_ecdit.models.ecdit import ECDiT, ECDiTBlock, stage_layers
-from megatron_ecdit.models.param_tags import is_expert, splits_of
-from megatron_ecdit.models.tensor_parallel import ParallelContext
+from megatron_ecdit.layers.param_tags import is_expert, splits_of
+from megatron_ecdit.layers.tensor_parallel import ParallelContext
 
 
 @dataclass(frozen=True)

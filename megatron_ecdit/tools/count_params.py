@@ -19,7 +19,7 @@ import torch
 
 from megatron_ecdit.config import PAPER_SIZES, paper_model
 from megatron_ecdit.models.ecdit import ECDiT
-from megatron_ecdit.models.tensor_parallel import ParallelContext
+from megatron_ecdit.layers.tensor_parallel import ParallelContext
 from megatron_ecdit.moe.experts import GroupedExperts
 
 # The paper's 670M CLIP-bigG-based text encoder and 34M VAE, counted as the table counts them.

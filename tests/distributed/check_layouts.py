@@ -23,7 +23,7 @@ from megatron_ecdit.diffusion.rectified_flow import add_noise, flow_matching_los
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
 from megatron_ecdit.models.ecdit import ECDiT, stage_layers  # noqa: E402
-from megatron_ecdit.models.tensor_parallel import ParallelContext  # noqa: E402
+from megatron_ecdit.layers.tensor_parallel import ParallelContext  # noqa: E402
 from megatron_ecdit.parallel.layout import ParallelLayout  # noqa: E402
 from megatron_ecdit.parallel.setup import initialize_parallel, world_size  # noqa: E402
 from megatron_ecdit.parallel.sharding import gather_full, load_full_state  # noqa: E402

@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from megatron_ecdit.models.ecdit import stage_chunks
-from megatron_ecdit.models.param_tags import is_expert
+from megatron_ecdit.layers.param_tags import is_expert
 from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.parallel.setup import parallel_context
 from megatron_ecdit.planning.params import rank_params

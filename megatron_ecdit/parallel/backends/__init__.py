@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from megatron_ecdit.config import Config
-from megatron_ecdit.models.tensor_parallel import ParallelContext
+from megatron_ecdit.layers.tensor_parallel import ParallelContext
 from megatron_ecdit.parallel.layout import ParallelLayout
 
 

@@ -21,7 +21,7 @@ from megatron.core.transformer import TransformerConfig
 from torch import nn
 
 from megatron_ecdit.config import ModelConfig, MoEConfig, OptimConfig
-from megatron_ecdit.models.tensor_parallel import ParallelContext
+from megatron_ecdit.layers.tensor_parallel import ParallelContext
 from megatron_ecdit.parallel.backends import WholeParameters
 from megatron_ecdit.parallel.backends.one_process import initialise_state
 from megatron_ecdit.parallel.layout import ParallelLayout

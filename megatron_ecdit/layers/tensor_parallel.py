@@ -21,7 +21,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from megatron_ecdit.models.param_tags import declare_linear_init
+from megatron_ecdit.layers.param_tags import declare_linear_init
 
 INIT_STD = 0.02
 

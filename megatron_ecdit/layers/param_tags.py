@@ -95,5 +95,5 @@ def declare_norm_init(norm: nn.Module) -> None:
 def initializer_of(name: str, param: torch.Tensor) -> Initializer:
     init = getattr(param, "initializer", None)
     if init is None:
-        raise ValueError(f"parameter {name!r} declares no initializer (models/param_tags.py)")
+        raise ValueError(f"parameter {name!r} declares no initializer (layers/param_tags.py)")
     return init
