@@ -177,6 +177,18 @@ def test_noise_from_seed_is_reproducible():
     assert noise_from_seed((1, 2), 0, dtype=torch.float64).dtype == torch.float64
 
 
+def test_noise_with_a_seed_per_image_does_not_depend_on_the_batch():
+    batch = noise_from_seed((3, 3, 4, 4), seed=[4, 9, 2])
+    for i, s in enumerate([4, 9, 2]):
+        assert torch.equal(batch[i], noise_from_seed((1, 3, 4, 4), seed=s)[0])
+        # as diffusers draws an image from each generator of a list
+        assert torch.equal(batch[i:i + 1], torch.randn((1, 3, 4, 4),
+                                                       generator=torch.Generator().manual_seed(s)))
+    assert torch.equal(noise_from_seed((2, 3, 4, 4), seed=[2, 4])[0], batch[2])
+    with pytest.raises(ValueError, match="2 seeds for a batch of 3"):
+        noise_from_seed((3, 2), seed=[1, 2])
+
+
 # --------------------------------------------------------------------------------------------
 # Classifier-free guidance
 # --------------------------------------------------------------------------------------------

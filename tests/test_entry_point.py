@@ -184,6 +184,18 @@ def runs(tmp_path_factory):
                 ["export", source, str(root / "exported-TP2xEP2")],
                 ["sample", str(root / "exported-TP2xEP2"), str(out["samples"]["export"]),
                  *sample]]
+    # The batch rule at TP2xEP2: six prompts in one batch, in batches of 2 and three of them
+    # alone with their seeds, against the six in one batch in one process.
+    (root / "six.txt").write_text("\n".join(SIX) + "\n")
+    six = ["--prompts", str(root / "six.txt"), "--seed", "3", *sample]
+    batches = {"six-one": (1, six), "six-TP2xEP2": (4, six),
+               "pairs-TP2xEP2": (4, [*six, "--batch-size", "2"]),
+               **{f"alone{i}-TP2xEP2": (4, ["--prompt", SIX[i], "--seed", str(3 + i), *sample])
+                  for i in ALONE}}
+    out["batches"] = {name: root / "batches" / name for name in batches}
+    for name, (n, args) in batches.items():
+        late[n].append(["sample", source, str(out["batches"][name]),
+                        *(["parallel.tp=2", "parallel.ep=2"] if n == 4 else []), *args])
     launch(1, jobs.pop(1), root / "launch-1.log")  # first: writes the data and the export
     for n, todo in jobs.items():
         launch(n, todo, root / f"launch-{n}.log")
@@ -191,6 +203,11 @@ def runs(tmp_path_factory):
         launch(n, todo, root / f"launch-late-{n}.log")
     out["exported"] = exported
     return out
+
+
+SIX = ["a red circle", "a blue square", "a green triangle", "two yellow squares",
+       "a red circle left of a blue square", "three green circles"]
+ALONE = (0, 2, 5)
 
 
 def losses(out: Path, key: str = "loss") -> dict[int, float]:
@@ -289,3 +306,23 @@ def test_sampling_a_tp2xep2_checkpoint_under_torchrun_in_one_process_and_from_it
     for name in ("TP2xEP2", "export"):
         diff = np.abs(images[name].astype(int) - images["one"].astype(int))
         assert diff.max() <= 1 and (diff == 0).mean() >= 0.99, (name, diff.max())
+
+
+def test_an_image_depends_on_its_seed_not_its_batch_or_layout(runs):
+    """At TP2xEP2 under torchrun, the six prompts in one batch, in batches of 2, and three of
+    them alone with their recorded seeds equal the six drawn in one batch in one process,
+    within 2 levels of 255 (TP and EP sum in another order)."""
+    folders = runs["batches"]
+
+    def images(name: str) -> np.ndarray:
+        return np.stack([np.asarray(Image.open(p)).astype(int)
+                         for p in sorted(folders[name].glob("0*.png"))])
+
+    one = images("six-one")
+    assert one.shape[0] == 6 and np.abs(one[0] - one[1]).max() > 100
+    seeds = [json.loads(line)["seed"] for line in (folders["six-one"] / "metadata.jsonl").open()]
+    assert seeds == [3, 4, 5, 6, 7, 8]
+    for name in ("six-TP2xEP2", "pairs-TP2xEP2"):
+        assert np.abs(images(name) - one).max() <= 2, name
+    for i in ALONE:
+        assert np.abs(images(f"alone{i}-TP2xEP2")[0] - one[i]).max() <= 2, i

@@ -105,7 +105,8 @@ def forward_flops(job) -> float:
 def compute_allocation(job, prompts: list[str]) -> dict:
     """Mean experts per token on object pixels and on background, per MoE block and timestep,
     over the images generated for `prompts` (objects: the detector's coloured pixels)."""
-    images, maps = job.generate(prompts, job.cfg.train.compute_map_timesteps, seed=0)
+    images, maps = job.generate(prompts, range(len(prompts)),
+                                job.cfg.train.compute_map_timesteps)
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     objects = np.stack([color_map(p) > 0 for p in pixels])  # (B, H, W)
     size = objects.shape[-1]
@@ -124,7 +125,7 @@ def sampling_seconds(job, prompts: list[str], repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        job.generate(prompts, seed=0)
+        job.generate(prompts, range(len(prompts)))
         times.append(time.perf_counter() - start)
     return min(times)
 

@@ -6,16 +6,17 @@ step including the last one, which ends at t = 0). Classifier-free guidance comb
 conditional and unconditional velocities as ``v = v_u + s (v_c - v_u)``; the model is called
 once per evaluation on the batch ``[cond; uncond]`` when ``s != 1``, and only on the
 conditional batch when ``s == 1``. `noise_from_seed` draws the starting noise on the CPU so a
-seed gives the same images on any device.
+seed gives the same images on any device, and with one seed per image the same image in any
+batch.
 
-What it deliberately doesn't do: stochastic samplers, non-uniform or shifted timestep grids,
+What it deliberately doesn't do: stochastic samplers, non-uniform grids other than SD3's shift,
 guidance intervals or rescaling, decoding latents, or anything about the model beyond calling
 it: the caller passes the model as a function.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -42,12 +43,22 @@ def timestep_grid(steps: int, shift: float = 1.0) -> Tensor:
     return shift * grid / (1 + (shift - 1) * grid)
 
 
-def noise_from_seed(shape: tuple[int, ...] | torch.Size, seed: int,
+def noise_from_seed(shape: tuple[int, ...] | torch.Size, seed: int | Sequence[int],
                     device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal noise of ``shape`` from ``seed``, drawn on the CPU (device independent)."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device, dtype)
+    """Standard normal noise of ``shape``, drawn on the CPU (device independent).
+
+    With one seed the whole tensor comes from one generator. With a sequence of seeds, one per
+    entry of dim 0 (one per image), each image's noise comes from its own generator, as
+    diffusers draws from a list of generators: an image then depends on its seed only, never
+    on the batch it is drawn in or its place there."""
+    if isinstance(seed, int):
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device, dtype)
+    seeds = list(seed)
+    if len(seeds) != shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]} images")
+    return torch.cat([noise_from_seed((1, *shape[1:]), s) for s in seeds]).to(device, dtype)
 
 
 def cfg_combine(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:

@@ -16,11 +16,16 @@ sample prompts. `--capacity-factor` overrides the trained capacity factors at in
 value for every MoE block or one per block.
 
 Images are made by the training job's own sampler (`Job.generate`: EMA weights loaded as the
-model, classifier-free guidance), a batch of prompts per seed (the noise of an image depends on
-its seed and its place in the batch; both are recorded), so the run's sample prompts at seed 0
-give exactly the images it drew at the end of training. Writes OUT/NNNNN.png, OUT/grid.png (the
-first 32 images), OUT/metadata.jsonl (each input record with its image, seed and settings: what
-ecdit-evaluate reads) and OUT/compute_map.png (experts per token for the first images, at the
+model, classifier-free guidance). Every image has its own seed: with `--seed S`, the k-th image
+(prompt by prompt, then again for each further image per prompt) starts from noise drawn from
+seed S + k alone, recorded in metadata.jsonl. An image is therefore a function of its prompt,
+its seed and the settings: drawn alone (`--prompt P --seed s`), in any batch size, in one
+process or under torchrun at any layout, it comes out the same up to rounding (with
+`moe.pool: sample`, the paper's per-image expert choice; a `group` or `micro_batch` pool makes
+experts choose across images by design). The run's sample prompts at seed 0 give exactly the
+images it drew at the end of training (prompt i with seed i). Writes OUT/NNNNN.png, OUT/grid.png
+(the first 32 images), OUT/metadata.jsonl (each input record with its image, seed and
+settings: what ecdit-evaluate reads) and OUT/compute_map.png (experts per token for the first images, at the
 run's compute-map timesteps).
 """
 
@@ -91,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--prompts", help="a .jsonl file of records with a prompt, or a text "
                                           "file with one prompt per line")
     source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    parser.add_argument("--seed", type=int, default=0, help="the first seed")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the first image's seed; image k has seed + k")
     parser.add_argument("--images-per-prompt", type=int, default=1,
-                        help="seeds seed, seed+1, ... per prompt")
-    parser.add_argument("--batch-size", type=int, help="prompts per batch (default: all)")
+                        help="draw the prompts this many times (each image its own seed)")
+    parser.add_argument("--batch-size", type=int, help="images per batch (default: the number "
+                        "of prompts); it changes no image")
     parser.add_argument("--cfg-scale", type=float)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--sampler", choices=("euler", "heun"))
@@ -138,18 +145,19 @@ def generate(job, records: list[dict[str, Any]], args: argparse.Namespace, out: 
                 "cfg_scale": cfg.diffusion.cfg_scale, "steps": cfg.diffusion.sample_steps,
                 "sampler": cfg.diffusion.sampler, "precision": cfg.train.precision,
                 "capacity_factors": [cfg.moe.capacity_factor_of(i) for i in range(num_moe)]}
+    # Image k: the records in order, again for each further image per prompt; seed S + k.
+    todo = [(record, args.seed + k) for k, record in enumerate(records * args.images_per_prompt)]
     size = args.batch_size or len(records)
-    batches = [(seed, start) for seed in range(args.seed, args.seed + args.images_per_prompt)
-               for start in range(0, len(records), size)]
+    batches = [todo[start:start + size] for start in range(0, len(todo), size)]
     n_maps = cfg.train.compute_map_prompts if args.compute_maps is None else args.compute_maps
     writer = job.is_writer  # every rank samples (collectives); rank 0 writes
     if writer:
         out.mkdir(parents=True, exist_ok=True)
     written, grid, wrote = [], [], ["grid.png", "metadata.jsonl"]
-    for seed, start in tqdm(batches, desc="sample", unit="batch", disable=not writer):
-        batch = records[start:start + size]
-        prompts = [r["prompt"] for r in batch]
-        images, maps = job.generate(prompts, cfg.train.compute_map_timesteps, seed=seed)
+    for batch in tqdm(batches, desc="sample", unit="batch", disable=not writer):
+        prompts = [record["prompt"] for record, _ in batch]
+        seeds = [seed for _, seed in batch]
+        images, maps = job.generate(prompts, seeds, cfg.train.compute_map_timesteps)
         if writer and not written and n_maps > 0 and maps and next(iter(maps.values())):
             save_compute_map(images[:n_maps], prompts[:n_maps],
                              {t: {k: v[:n_maps] for k, v in layer_maps.items()}
@@ -157,12 +165,11 @@ def generate(job, records: list[dict[str, Any]], args: argparse.Namespace, out: 
                              cfg.moe.num_experts, out / "compute_map.png")
             wrote.append("compute_map.png")
         grid.append(images[:GRID_IMAGES - sum(len(g) for g in grid)])
-        for j, (record, image) in enumerate(zip(batch, to_uint8(images))):
+        for (record, seed), image in zip(batch, to_uint8(images)):
             name = f"{len(written):05d}.png"
             if writer:
                 Image.fromarray(image).save(out / name)
-            written.append({**record, "image": name, "seed": seed, "batch_index": j,
-                            "batch_size": len(batch), **settings})
+            written.append({**record, "image": name, "seed": seed, **settings})
     if writer:
         grid_images = torch.cat(grid)
         save_sample_grid(grid_images, [r["prompt"] for r in written[:len(grid_images)]],

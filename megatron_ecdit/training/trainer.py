@@ -23,7 +23,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -269,17 +269,21 @@ class Job:
         return total, out.routing
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], record_at: Optional[list[float]] = None, seed: int = 0):
-        """Sample with EMA weights and CFG; optionally record routing maps at timesteps. Under
-        ZeRO-3 each block gathers its parameters as it runs, as in training."""
+    def generate(self, prompts: list[str], seeds: Sequence[int],
+                 record_at: Optional[list[float]] = None):
+        """Sample with EMA weights and CFG, image i from noise drawn from seeds[i] alone (so an
+        image is a function of its prompt, seed and the settings, not of its batch); optionally
+        record routing maps at timesteps. Under ZeRO-3 each block gathers its parameters as it
+        runs, as in training."""
         self.model.eval()
         try:
             with self.ema.applied(self.model), eager_blocks():  # no graphs for the sampler
-                return self._sample(prompts, record_at, seed)
+                return self._sample(prompts, seeds, record_at)
         finally:
             self.model.train()
 
-    def _sample(self, prompts: list[str], record_at: Optional[list[float]], seed: int):
+    def _sample(self, prompts: list[str], seeds: Sequence[int],
+                record_at: Optional[list[float]]):
         cfg, m = self.cfg.diffusion, self.cfg.model
         text, mask = self.text_encoder.encode(prompts)
         uncond = tuple(u.expand(len(prompts), *u.shape[1:]) for u in self.uncond)
@@ -307,8 +311,8 @@ class Job:
         def callback(step, t, x):
             state["t"] = record_steps.get(step)
 
-        noise = noise_from_seed((len(prompts), m.in_channels, m.input_size, m.input_size), seed,
-                                device=self.device)
+        noise = noise_from_seed((len(prompts), m.in_channels, m.input_size, m.input_size),
+                                seeds, device=self.device)
         latents = sample(model_fn, noise, steps=cfg.sample_steps, method=cfg.sampler,
                          cfg_scale=cfg.cfg_scale, cond=(text, mask), uncond=uncond,
                          callback=callback, shift=cfg.sample_shift)
@@ -341,9 +345,11 @@ def routing_metrics(routing: dict[int, Any]) -> dict[str, float]:
 
 
 def write_pictures(job: Job, suffix: str = "") -> None:
-    """Every rank samples (the model's collectives need them all); rank 0 draws."""
+    """Every rank samples (the model's collectives need them all); rank 0 draws. Prompt i is
+    drawn with seed i, as `ecdit-sample` draws them at its default seed 0."""
     cfg = job.cfg.train
-    images, maps = job.generate(cfg.sample_prompts, cfg.compute_map_timesteps)
+    images, maps = job.generate(cfg.sample_prompts, range(len(cfg.sample_prompts)),
+                                cfg.compute_map_timesteps)
     if not job.is_writer:
         return
     save_sample_grid(images, cfg.sample_prompts, job.out / f"samples{suffix}.png")
