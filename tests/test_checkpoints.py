@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
 
 import check_checkpoints as cc  # noqa: E402
 from megatron_ecdit.checkpoint import consolidated, distributed  # noqa: E402
+from megatron_ecdit.checkpoint import exported as exported_files  # noqa: E402
 from megatron_ecdit.checkpoint.distributed import CheckpointError  # noqa: E402
 from megatron_ecdit.training.trainer import Job, train  # noqa: E402
 
@@ -184,25 +185,32 @@ def test_loading_into_other_model_dimensions_names_the_tensor(saved, tmp_path, c
         job.resume()
 
 
-def test_consolidated_folder_loads_without_torch_distributed(saved, tmp_path, ctx):
-    folder = consolidated.export(saved, tmp_path / "export", weights="model", dtype="bf16")
+def test_an_export_loads_without_torch_distributed_in_its_stored_dtype(saved, tmp_path, ctx):
+    folder = consolidated.export(saved, tmp_path / "export", weights="model", dtype="bf16",
+                                 progress=False)
     code = ("import sys, torch; from megatron_ecdit.checkpoint.consolidated import "
             "load_pretrained; cfg, model = load_pretrained(sys.argv[1]); "
+            "cfg, wide = load_pretrained(sys.argv[1], dtype='fp32'); "
             "assert not torch.distributed.is_initialized(); "
-            "print(next(model.parameters()).dtype)")
+            "assert all(torch.equal(a.float(), b) for a, b in "
+            "zip(model.parameters(), wide.parameters())); "
+            "print({p.dtype for p in model.parameters()}, {p.dtype for p in wide.parameters()})")
     result = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True,
                             text=True, env=dict(ENV, PYTHONPATH=str(ROOT)), timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "torch.float32", result.stderr
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "{torch.bfloat16} {torch.float32}", result.stdout
     job = Job(cc.config(tmp_path / "out", [f"train.resume={saved}"]))
     job.resume()
-    _, state, info = consolidated.read(folder)
-    assert info == {"step": 4, "weights": "model", "dtype": "bf16",
-                    "source_layout": job.layout.describe()}
+    exported = consolidated.open_export(folder)
+    assert exported.info == {"step": 4, "weights": "model", "dtype": "bf16",
+                             "source_layout": job.layout.describe()}
     for name, p in job.model.named_parameters():
-        assert torch.equal(state[name], p.detach().to(torch.bfloat16).float()), name
-    (folder / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
-        consolidated.read(folder)
+        stored = exported.weights.read(name)
+        assert stored.dtype == torch.bfloat16 and torch.equal(
+            stored, p.detach().to(torch.bfloat16)), name
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="holds no weights"):
+        consolidated.open_export(folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,6 +290,6 @@ def test_deepspeed_zero2_resume_and_exchange_with_megatron(tmp_path, ctx):
                "parallel.ep=1", "parallel.zero=megatron", "parallel.zero_stage=1")
     assert r["step"] == 0 and r["model_rel_err"] <= TOL and r["ema_rel_err"] <= TOL, r
     second = consolidated.export(imported / "checkpoints" / "step_0000000", tmp_path / "second")
-    assert (first / "model.safetensors").read_bytes() == \
-        (second / "model.safetensors").read_bytes()
+    assert (first / exported_files.WEIGHTS).read_bytes() == \
+        (second / exported_files.WEIGHTS).read_bytes()
     assert np.load(out / "outputs.npz")["ema"].shape == (4, 3, 16, 16)

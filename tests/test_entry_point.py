@@ -26,9 +26,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.numpy import load_file
-
 from megatron_ecdit.checkpoint import consolidated
+from megatron_ecdit.checkpoint.exported import WeightsFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests/distributed/run_entry_point.py"
@@ -216,8 +215,13 @@ def losses(out: Path, key: str = "loss") -> dict[int, float]:
 
 def weights(checkpoint: Path, tmp: Path, which: str = "model") -> dict[str, np.ndarray]:
     folder = consolidated.export(checkpoint, tmp / checkpoint.parent.parent.name /
-                                 f"{checkpoint.name}-{which}", weights=which)
-    return load_file(str(folder / consolidated.WEIGHTS))
+                                 f"{checkpoint.name}-{which}", weights=which, progress=False)
+    return read_export(folder)
+
+
+def read_export(folder: Path) -> dict[str, np.ndarray]:
+    with WeightsFolder(folder) as exported:
+        return {name: exported.read(name).numpy() for name in exported.names}
 
 
 def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
@@ -269,7 +273,7 @@ def test_finetuning_from_an_import_equals_one_process(runs, name):
 
 @pytest.mark.parametrize("name", list(TINY_STEP_AFTER_IMPORT))
 def test_a_tiny_step_after_an_import_keeps_the_imported_weights(runs, tmp_path, name):
-    loaded = load_file(str(runs["exported"] / consolidated.WEIGHTS))
+    loaded = read_export(runs["exported"])
     after = weights(runs["tiny"][name] / "checkpoints" / "step_0000001", tmp_path)
     assert max_diff(after, loaded) <= 1e-9
 

@@ -38,7 +38,7 @@ def randomize(model):
 def test_blocks_are_identity_at_init(ctx):
     model = ECDiT(ModelConfig(**TINY), MoEConfig(num_experts=4), ctx)
     x = torch.randn(64, 3, 64)
-    c = torch.randn(3, model.config.cond_size)
+    c = torch.randn(3, model.model_config.cond_size)
     text = torch.randn(5, 3, 64)
     mask = torch.ones(3, 5, dtype=torch.bool)
     for block in model.blocks.values():

@@ -72,10 +72,11 @@ def test_inspect_a_corrupt_safetensors_file(trained, tmp_path, capsys):
     folder = tmp_path / "exported"
     assert convert_checkpoint.main(["export", str(trained), str(folder)]) == 0
     capsys.readouterr()
-    data = (folder / "model.safetensors").read_bytes()
-    (folder / "model.safetensors").write_bytes(data[:100])
+    shard = folder / "diffusion_pytorch_model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
     code = inspect_checkpoint.main([str(folder)])
-    one_line_error(code, capsys.readouterr().err, 2, "model.safetensors is corrupt or truncated")
+    one_line_error(code, capsys.readouterr().err, 2,
+                   "diffusion_pytorch_model.safetensors is corrupt or truncated")
 
 
 def test_inspect_a_folder_without_config_json(tmp_path, capsys):

@@ -103,7 +103,23 @@ class TextEncoder:
                              f"partly random encoder")
         if getattr(config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
             model = model.get_encoder()  # e.g. BART: keep only the encoder stack
-        self.model = model.to(self.device).eval().requires_grad_(False)
+        self._setup(model.to(self.device), config)
+
+    @classmethod
+    def from_components(cls, model: torch.nn.Module, tokenizer, max_length: int,
+                        cache_size: int = 0) -> "TextEncoder":
+        """Encode with an encoder and tokenizer already loaded (a diffusers pipeline's
+        components), exactly as the training job does; on the model's device."""
+        self = cls.__new__(cls)
+        self.max_length, self.cache_size = max_length, cache_size
+        self.device = next(model.parameters()).device
+        self.model_path = self.tokenizer_path = Path(str(getattr(model, "name_or_path", "")))
+        self.tokenizer = tokenizer
+        self._setup(model, model.config)
+        return self
+
+    def _setup(self, model: torch.nn.Module, config: transformers.PretrainedConfig) -> None:
+        self.model = model.eval().requires_grad_(False)
         self._dim = int(config.hidden_size)  # T5 maps hidden_size -> d_model
         self._configure_tokenizer(config)
 

@@ -93,9 +93,22 @@ class DiffusersVAE(Autoencoder):
         from diffusers import AutoencoderKL  # deferred: pixel-space runs never import diffusers
 
         self.path = folder
-        self.vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True,
-                                                 use_safetensors=True, torch_dtype=torch.float32)
-        self.vae.requires_grad_(False).eval().to(device)
+        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True,
+                                            use_safetensors=True, torch_dtype=torch.float32)
+        self._setup(vae.to(device))
+
+    @classmethod
+    def from_model(cls, vae: nn.Module) -> "DiffusersVAE":
+        """Wrap an AutoencoderKL already loaded (a diffusers pipeline's component): the same
+        scaling and shift as the training job applies."""
+        self = cls.__new__(cls)
+        Autoencoder.__init__(self)
+        self.path = Path(str(getattr(vae.config, "_name_or_path", "")))
+        self._setup(vae)
+        return self
+
+    def _setup(self, vae: nn.Module) -> None:
+        self.vae = vae.requires_grad_(False).eval()
         config = self.vae.config
         self.latent_channels = int(config.latent_channels)
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
@@ -104,7 +117,7 @@ class DiffusersVAE(Autoencoder):
         self.shift_factor = 0.0 if shift is None else float(shift)
         if (getattr(config, "latents_mean", None) is not None
                 or getattr(config, "latents_std", None) is not None):
-            warnings.warn(f"VAE in {folder} defines per-channel latents_mean/latents_std; "
+            warnings.warn(f"VAE in {self.path} defines per-channel latents_mean/latents_std; "
                           f"only shift_factor and scaling_factor are applied", stacklevel=2)
 
     @property

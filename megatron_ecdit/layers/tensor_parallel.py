@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
 from megatron_ecdit.layers.param_tags import declare_linear_init
@@ -82,9 +83,18 @@ class ColumnLinear(nn.Module):
             in_features, out_features, config=ctx.mp_config, init_method=_normal_init(init_std),
             bias=bias, gather_output=gather_output, tp_group=ctx.tp_group)
         declare_linear_init(self.linear, init_std)
+        _mark_split(self.linear.weight, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _forward(self.linear, x)
+
+
+def _mark_split(weight: torch.Tensor, dim: int) -> None:
+    """megatron-core marks a weight's tensor-parallel split only when it initialises the
+    weight itself (config.perform_initialization); a layer built without (to be loaded) is
+    marked here, so that it shards, loads and checkpoints like any other."""
+    if not hasattr(weight, "tensor_model_parallel"):
+        set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
 
 
 def _forward(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +116,7 @@ class RowLinear(nn.Module):
             in_features, out_features, config=ctx.mp_config, init_method=_normal_init(init_std),
             bias=bias, input_is_parallel=True, skip_bias_add=False, tp_group=ctx.tp_group)
         declare_linear_init(self.linear, init_std)
+        _mark_split(self.linear.weight, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _forward(self.linear, x)

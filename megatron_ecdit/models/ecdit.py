@@ -155,7 +155,7 @@ class ECDiT(nn.Module):
         ctx = ctx or ParallelContext()
         model.validate()
         moe.validate(model.num_layers)
-        self.config = model
+        self.model_config = model
         self.pre_process, self.post_process = pre_process, post_process
         layers = range(model.num_layers) if layers is None else layers
         whole = pre_process and post_process and len(layers) == model.num_layers
@@ -220,7 +220,8 @@ class ECDiT(nn.Module):
         rows_BSP = self.final(x_SBD, c_BDc).transpose(0, 1).float()
         if keep_idx_BK is not None:
             return ECDiTOutput(rows_BSP, routing)
-        return ECDiTOutput(unpatchify(rows_BSP, self.config.patch_size, self.config.in_channels),
+        return ECDiTOutput(unpatchify(rows_BSP, self.model_config.patch_size,
+                                     self.model_config.in_channels),
                            routing)
 
 

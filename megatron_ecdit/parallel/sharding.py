@@ -39,11 +39,32 @@ def _group(ctx: ParallelContext, kind: str) -> Optional[dist.ProcessGroup]:
     return {"ep": ctx.ep_group, "etp": ctx.expert_tp_group, "tp": ctx.tp_group}[kind]
 
 
+def full_shape(param: torch.Tensor, ctx: ParallelContext) -> tuple[int, ...]:
+    """The shape of the full single-process tensor `param` is a shard of."""
+    shape = list(param.shape)
+    for split in splits_of(param):
+        shape[split.dim] *= _size(_group(ctx, split.group))
+    return tuple(shape)
+
+
+def slice_of(param: torch.Tensor, shape: tuple[int, ...] | torch.Size,
+             ctx: ParallelContext) -> tuple[slice, ...]:
+    """Where this rank's shard of `param` lies in its full tensor of `shape`: one slice per
+    dim, cut by each split in turn as torch.chunk cuts (layers/param_tags.splits_of). A reader
+    can then read that part alone (e.g. safetensors' get_slice)."""
+    bounds = [(0, n) for n in shape]
+    for split in splits_of(param):
+        group = _group(ctx, split.group)
+        start, stop = bounds[split.dim]
+        step = -(-(stop - start) // _size(group))  # torch.chunk's chunk length
+        lo = min(start + _rank(group) * step, stop)
+        bounds[split.dim] = (lo, min(lo + step, stop))
+    return tuple(slice(a, b) for a, b in bounds)
+
+
 def shard_of(param: torch.Tensor, full: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """This rank's slice of `full` for `param` (layers/param_tags.splits_of)."""
-    for split in splits_of(param):
-        full = _split(full, split.dim, _group(ctx, split.group))
-    return full
+    return full[slice_of(param, full.shape, ctx)]
 
 
 def _shard_coordinates(param: torch.Tensor, ctx: ParallelContext) -> tuple[int, ...]:
@@ -80,10 +101,7 @@ def initialize(model: nn.Module, seed: int, ctx: ParallelContext) -> None:
                 init(full, _generator(seed, name, first + local))
                 param[local].copy_(_split(full, within.dim - 1, ctx.expert_tp_group))
             continue
-        shape = list(param.shape)
-        for split in splits_of(param):
-            shape[split.dim] *= _size(_group(ctx, split.group))
-        full = torch.empty(shape, dtype=param.dtype)
+        full = torch.empty(full_shape(param, ctx), dtype=param.dtype)
         init(full, _generator(seed, name))
         param.copy_(shard_of(param, full, ctx))
 

@@ -71,7 +71,7 @@ def _parts(model_json: str, moe_json: str) -> dict[str, nn.Module]:
     model = ModelConfig(**json.loads(model_json))
     moe = MoEConfig(**json.loads(moe_json))
     one = _OneRank()
-    # Initialised (not ParallelContext.meta()): megatron-core marks TP weights only then.
+    # Size-one groups, so that every split is declared as at any TP size.
     ctx = ParallelContext(tp_group=one, ep_group=one, expert_tp_group=one)
     with torch.device("meta"):
         ends = ECDiT(model, moe, ctx, layers=range(0))

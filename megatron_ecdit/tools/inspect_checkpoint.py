@@ -2,7 +2,7 @@
 
     ecdit-inspect outputs/demo/checkpoints/step_0001500 [--json]
     (or python tools/inspect_checkpoint.py ...)
-Works on training checkpoints (sharded) and consolidated folders; reads metadata only. A
+Works on training checkpoints (sharded) and exported folders; reads metadata only. A
 checkpoints folder, or its `latest` pointer, means the latest checkpoint in it.
 """
 
@@ -17,26 +17,17 @@ from megatron_ecdit.checkpoint.distributed import CheckpointError
 
 
 def describe(path: Path) -> dict:
-    if (path / "model.safetensors").is_file():
-        from safetensors import safe_open
+    from megatron_ecdit.checkpoint import consolidated
 
-        try:
-            info = json.loads((path / "config.json").read_text()).get("export", {})
-        except FileNotFoundError:
-            raise CheckpointError(f"{path} is not a consolidated checkpoint: config.json is "
-                                  "missing") from None
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path}/config.json is corrupt: {err}") from None
-        try:
-            with safe_open(str(path / "model.safetensors"), "pt") as f:
-                tensors = {k: [list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()]
-                           for k in f.keys()}
-        except Exception as err:  # safetensors raises its own error types for bad headers
-            raise CheckpointError(f"{path}/model.safetensors is corrupt or truncated: "
-                                  f"{err}") from None
-        return {"format": "consolidated", "step": info.get("step"),
+    if consolidated.is_export(path):
+        exported = consolidated.open_export(path)
+        weights = exported.weights
+        tensors = {name: [list(spec.shape), str(spec.dtype).replace("torch.", "")]
+                   for name in weights.names for spec in [weights.spec(name)]}
+        info = exported.info
+        return {"format": "exported", "folder": str(exported.folder), "step": info.get("step"),
                 "layout": "one process", **{k: v for k, v in info.items() if k != "step"},
-                "tensors": tensors}
+                "shards": weights.shard_files, "tensors": tensors}
     from megatron.core import dist_checkpointing
 
     from megatron_ecdit.checkpoint import distributed

@@ -8,12 +8,14 @@
     torchrun --nproc-per-node 4 -m megatron_ecdit.tools.sample_ecdit CKPT OUT \
         parallel.tp=2 parallel.ep=2                  (a model too big for one device)
 (or python tools/sample_ecdit.py ...). Trailing KEY=VALUE arguments are config overrides, e.g.
-the layout to sample at under torchrun (one process's layout unless given); rank 0 writes. The checkpoint is a training checkpoint of any layout (a
-`step_N` folder, a checkpoints folder or its `latest` pointer) or an exported consolidated
-folder. Prompts come from a file (one per line, or GenEval metadata records as JSON lines,
+the layout to sample at under torchrun (one process's layout unless given); rank 0 writes.
+The checkpoint is a training checkpoint of any layout (a `step_N` folder, a checkpoints folder
+or its `latest` pointer) or an exported folder (`ecdit-convert export`, a model or a pipeline
+folder). Prompts come from a file (one per line, or GenEval metadata records as JSON lines,
 e.g. examples/prompts/geneval_synthetic.jsonl) or the command line; by default the run's own
 sample prompts. `--capacity-factor` overrides the trained capacity factors at inference: one
-value for every MoE block or one per block.
+value for every MoE block or one per block. The model is loaded without an optimizer and
+without a separate EMA copy: each rank holds its share of one set of weights.
 
 Images are made by the training job's own sampler (`Job.generate`: EMA weights loaded as the
 model, classifier-free guidance). Every image has its own seed: with `--seed S`, the k-th image
@@ -66,23 +68,22 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
 
 
 def load_job(checkpoint: str, overrides: list[str], weights: str):
-    """A training job at the layout `overrides` give (one process's otherwise) whose model
-    (and EMA) hold the checkpoint's weights."""
-    from megatron_ecdit.training.optim import EMA
+    """A job without an optimizer at the layout `overrides` give (one process's otherwise)
+    whose model holds the checkpoint's weights (`weights`: its EMA or raw weights; an export
+    holds one set); each rank reads only its part of them."""
     from megatron_ecdit.training.trainer import Job
 
-    if (Path(checkpoint) / consolidated.WEIGHTS).is_file():
-        saved, state, _ = consolidated.read(checkpoint)  # saved is at one process
-        job = Job(load_config(base=saved.to_dict(),
-                              overrides=[*consolidated.one_process_overrides(), *overrides]))
-        job.load_full_weights(state)
+    if consolidated.is_export(checkpoint):
+        exported = consolidated.open_export(checkpoint)
+        job = Job(load_config(base=exported.cfg.to_dict(), overrides=[
+            *consolidated.one_process_overrides(), *overrides]), train=False)
+        job.load_exported(exported.weights)
         return job
     common = checkpoints.read_common(checkpoint)
     job = Job(load_config(base=common["config"],
-                          overrides=[*consolidated.one_process_overrides(), *overrides]))
+                          overrides=[*consolidated.one_process_overrides(), *overrides]),
+              train=False)
     checkpoints.load_weights(checkpoint, job.chunks, which=weights)
-    # generate() samples with the EMA
-    job.ema = EMA(job.model, job.cfg.optim.ema_decay, job.backend.local)
     return job
 
 

@@ -18,10 +18,12 @@ loss averaged over data-parallel ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -33,7 +35,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from megatron_ecdit.checkpoint import distributed as checkpoints
-from megatron_ecdit.checkpoint.consolidated import DTYPES
+from megatron_ecdit.checkpoint.consolidated import DTYPES, load_into
+from megatron_ecdit.checkpoint.exported import WeightsFolder
 from megatron_ecdit.config import Config
 from megatron_ecdit.data.bad_input import describe_counts
 from megatron_ecdit.data.shards import BatchStream
@@ -51,16 +54,20 @@ from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.parallel.setup import (data_parallel_rank_and_size, initialize_parallel,
                                            local_device, world_size)
 from megatron_ecdit.parallel.pipeline import PipelineRunner
-from megatron_ecdit.parallel.sharding import check_replicas, initialize, load_full_state
+from megatron_ecdit.parallel.sharding import check_replicas, initialize
 from megatron_ecdit.training.optim import EMA, learning_rate
 from megatron_ecdit.training.preemption import StopRequest
 from megatron_ecdit.training.visualize import save_compute_map, save_sample_grid
 
 
 class Job:
-    """Everything a run holds: frozen encoders, model, optimizer, data stream, RNG."""
+    """Everything a run holds: frozen encoders, model, optimizer, data stream, RNG.
 
-    def __init__(self, cfg: Config):
+    `train=False` makes a job that only samples or converts weights (the tools): no optimizer
+    and no EMA copy (its weights are what it samples), and no initial weights are drawn (the
+    caller loads them), so it holds its share of the weights and the frozen encoders."""
+
+    def __init__(self, cfg: Config, train: bool = True):
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
         self.layout = ParallelLayout.build(cfg, world_size())  # refuses what cannot run
@@ -81,25 +88,30 @@ class Job:
         self.saver = AsyncCallsQueue() if cfg.checkpoint.async_save else None
         self.pipeline: Optional[PipelineRunner] = None
         # Weights are drawn on the CPU, by parameter name from the seed (the same on any device
-        # and layout), then moved.
+        # and layout), then moved. megatron-core's layers draw nothing of their own.
+        model_ctx = dataclasses.replace(ctx, mp_config=dataclasses.replace(
+            ctx.mp_config, perform_initialization=False)) if not train else ctx
         if self.layout.pp > 1:
-            self.model = nn.ModuleList(self._pipeline_chunks(ctx))
+            self.model = nn.ModuleList(self._pipeline_chunks(model_ctx))
         else:
-            self.model = ECDiT(cfg.model, cfg.moe, ctx)
-        for chunk in self.chunks:
-            initialize(chunk, cfg.train.seed, ctx)
-            set_aux_grad_scale(chunk, 1.0 / cfg.train.num_microbatches)  # as the main loss
-        check_replicas(self.chunks, ctx)
+            self.model = ECDiT(cfg.model, cfg.moe, model_ctx)
+        if train:
+            for chunk in self.chunks:
+                initialize(chunk, cfg.train.seed, ctx)
+                set_aux_grad_scale(chunk, 1.0 / cfg.train.num_microbatches)  # as the main loss
+            check_replicas(self.chunks, ctx)
         # train.precision=bf16: bf16 parameters and activations (drawn in fp32, then rounded);
         # the backend keeps fp32 main weights, gradients and optimizer state.
         self.model.to(self.device, DTYPES[cfg.train.precision])
-        if cfg.train.compile:
+        if cfg.train.compile and train:
             for chunk in self.chunks:
                 apply_compile(chunk)
-        self.backend: OptimizerBackend = build_backend(self.layout, self.chunks, cfg, ctx)
+        self.backend: OptimizerBackend = build_backend(self.layout, self.chunks, cfg, ctx,
+                                                       train=train)
         if self.layout.pp > 1:
             self.pipeline = PipelineRunner(self.backend.modules, cfg.model.num_patches)
-        self.ema = EMA(self.model, cfg.optim.ema_decay, self.backend.local)
+        self.ema: Optional[EMA] = (EMA(self.model, cfg.optim.ema_decay, self.backend.local)
+                                   if train else None)
         self.uncond = self.text_encoder.encode([""])  # for caption dropout and guidance
 
     def _pipeline_chunks(self, ctx) -> list[ECDiT]:
@@ -126,14 +138,18 @@ class Job:
 
     def checkpoint_parts(self) -> checkpoints.Parts:
         """What a checkpoint holds. The EMA goes in whole: under ZeRO-3 gathered from its
-        partitions (collective), otherwise the average itself."""
+        partitions (collective), otherwise the average itself; a job without one (train=False)
+        saves its weights as the EMA, in the EMA's fp32."""
         names = {}
         for v, chunk in enumerate(self.chunks):
             for name, _ in chunk.named_parameters():
                 names[f"{v}.{name}" if self.pipeline is not None else name] = (v, name)
         params = dict(self.model.named_parameters())
-        ema = {name: self.backend.to_full(params[name], average)
-               for name, average in self.ema.shadow.items()}
+        if self.ema is None:
+            ema = {name: p.detach().float() for name, p in params.items()}
+        else:
+            ema = {name: self.backend.to_full(params[name], average)
+                   for name, average in self.ema.shadow.items()}
         return checkpoints.Parts(self.chunks, ema, names, self.backend, self.rank_state)
 
     def rank_state(self) -> dict[str, Any]:
@@ -149,13 +165,14 @@ class Job:
                                     keep_last=self.cfg.checkpoint.keep_last, queue=self.saver,
                                     weights_only=weights_only)
 
-    def load_full_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """This rank's shards of full single-process weights; the EMA starts equal to them."""
+    def load_exported(self, weights: WeightsFolder) -> None:
+        """This rank's slices of an export's weights, each read alone (consolidated.load_into);
+        the EMA, if the job keeps one, starts equal to them."""
         with self.backend.gathered(modify=True):
-            for chunk in self.chunks:
-                load_full_state(chunk, state, self.ctx)
+            load_into(self.chunks, weights, self.ctx)
         self.backend.reload_model_params()
-        self.ema = EMA(self.model, self.cfg.optim.ema_decay, self.backend.local)
+        if self.ema is not None:
+            self.ema = EMA(self.model, self.cfg.optim.ema_decay, self.backend.local)
 
     def resume(self) -> int:
         """Load the checkpoint train.resume names (if any); returns the step to continue from."""
@@ -276,8 +293,9 @@ class Job:
         record routing maps at timesteps. Under ZeRO-3 each block gathers its parameters as it
         runs, as in training."""
         self.model.eval()
+        averaged = self.ema.applied(self.model) if self.ema is not None else nullcontext()
         try:
-            with self.ema.applied(self.model), eager_blocks():  # no graphs for the sampler
+            with averaged, eager_blocks():  # no graphs for the sampler
                 return self._sample(prompts, seeds, record_at)
         finally:
             self.model.train()

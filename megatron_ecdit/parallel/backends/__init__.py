@@ -3,6 +3,7 @@
   one_process.TorchOptimizer   one process: a torch optimizer with gradient clipping
   megatron_ddp.MegatronZeRO    megatron-core DDP + distributed optimizer (ZeRO-1), any TP/PP/EP
   deepspeed_zero.DeepSpeedZeRO DeepSpeed ZeRO-1/2/3 with megatron-core's groups
+  inference.NoOptimizer        no optimizer at all: a job that only samples or converts
 
 `build_backend` picks one from the validated layout; every combination a backend cannot run is
 refused earlier, by `ParallelLayout.build`, so nothing here refuses anything. The training loop
@@ -81,8 +82,15 @@ class WholeParameters:
 
 
 def build_backend(layout: ParallelLayout, chunks: list[nn.Module], cfg: Config,
-                  ctx: ParallelContext) -> OptimizerBackend:
-    """The backend `layout` asks for, over this rank's model chunks."""
+                  ctx: ParallelContext, train: bool = True) -> OptimizerBackend:
+    """The backend `layout` asks for, over this rank's model chunks (`train=False`: none)."""
+    if not train:
+        from megatron_ecdit.parallel.backends.inference import NoOptimizer
+        from megatron_ecdit.parallel.backends.megatron_ddp import transformer_config
+        if layout.pp == 1:
+            return NoOptimizer(chunks)
+        dtype = next(chunks[0].parameters()).dtype  # what the schedules send between stages
+        return NoOptimizer(chunks, transformer_config(cfg.model, cfg.moe, ctx, layout, dtype))
     if layout.world_size == 1:
         from megatron_ecdit.parallel.backends.one_process import TorchOptimizer
         return TorchOptimizer(chunks[0], cfg.optim)
