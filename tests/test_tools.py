@@ -14,7 +14,9 @@ from packaging.requirements import Requirement
 sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
 
 import check_checkpoints as cc  # noqa: E402
-from megatron_ecdit.tools import convert_checkpoint, inspect_checkpoint  # noqa: E402
+import torch  # noqa: E402
+
+from megatron_ecdit.tools import convert_checkpoint, inspect_checkpoint, sample_ecdit  # noqa: E402
 from megatron_ecdit.training.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,3 +101,78 @@ def test_a_layout_error_found_at_start_is_one_line_not_a_traceback(tmp_path):
         env=dict(os.environ, OMP_NUM_THREADS="1"))
     one_line_error(result.returncode, result.stderr, 2, "config error: world size 1 is not "
                    "divisible by parallel.etp x parallel.ep x parallel.pp = 1 x 2 x 1")
+
+
+# --------------------------------------------------------------------------------------------
+# Exported folders that are broken
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded") / "exported"
+    assert convert_checkpoint.main(["export", str(trained), str(out), "--max-shard-size", "50KB",
+                                    "--no-progress"]) == 0
+    assert len(list(out.glob("diffusion_pytorch_model-*-of-*.safetensors"))) >= 3
+    return out
+
+
+def break_export(sharded: Path, tmp_path: Path, how: str) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "exported"
+    shutil.copytree(sharded, folder)
+    shards = sorted(folder.glob("diffusion_pytorch_model-*.safetensors"))
+    if how == "missing shard":
+        shards[1].unlink()
+    elif how == "truncated shard":
+        shards[1].write_bytes(shards[1].read_bytes()[:-64])
+    elif how == "wrong shape":
+        tensors = load_file(str(shards[0]))
+        name = next(iter(tensors))
+        tensors[name] = torch.zeros(*tensors[name].shape[:-1], tensors[name].shape[-1] + 1)
+        save_file(tensors, str(shards[0]), metadata={"format": "pt"})
+    else:  # killed while writing: only the marked temporary folder is there
+        partial = tmp_path / ".exported.partial"
+        os.replace(folder, partial)
+        (partial / ".incomplete").write_text("")
+        return partial if how == "half written" else folder
+    return folder
+
+
+@pytest.mark.parametrize("how,text", [
+    ("missing shard", "names the shard diffusion_pytorch_model-00002-of-"),
+    ("truncated shard", "diffusion_pytorch_model-00002-of-"),
+    ("wrong shape", "the model expects"),
+    ("half written", "is a half-written export"),
+    ("interrupted", "an export into it was interrupted"),
+])
+def test_a_broken_export_is_one_line_and_a_nonzero_exit(sharded, tmp_path, capsys, how, text):
+    folder = break_export(sharded, tmp_path, how)
+    capsys.readouterr()
+    code = sample_ecdit.main([str(folder), str(tmp_path / "samples"), "--steps", "1"])
+    one_line_error(code, capsys.readouterr().err, 2, text)
+    code = convert_checkpoint.main(["import", str(folder), str(tmp_path / "imported")])
+    one_line_error(code, capsys.readouterr().err, 2, text)
+    if how != "wrong shape":  # inspect lists what is stored; the model's shapes are not its
+        code = inspect_checkpoint.main([str(folder)])
+        one_line_error(code, capsys.readouterr().err, 2, text)
+
+
+def test_an_export_appears_only_when_complete(trained, sharded, tmp_path, capsys):
+    """A failing export leaves neither a partial folder nor a changed output folder."""
+    from megatron_ecdit.checkpoint import exported
+
+    out = tmp_path / "out"
+    shutil.copytree(sharded, out)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(RuntimeError, match="disk gone"):
+        with exported.staged(out) as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise RuntimeError("disk gone")
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    code = convert_checkpoint.main(["export", str(trained), str(out), "--max-shard-size",
+                                    "10XB", "--no-progress"])
+    one_line_error(code, capsys.readouterr().err, 2, "max shard size '10XB'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
