@@ -16,3 +16,17 @@ def ctx():
     from megatron_ecdit.parallel.layout import ParallelLayout
     from megatron_ecdit.parallel.setup import initialize_parallel
     return initialize_parallel(ParallelLayout.build(Config(), world_size=1))
+
+
+def save_tiny_vae(folder, shift_factor):
+    """A tiny diffusers AutoencoderKL (8 latent channels, downsampling 2) saved to `folder`."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        layers_per_block=1, latent_channels=8, norm_num_groups=4,
+                        sample_size=16, scaling_factor=0.5, shift_factor=shift_factor)
+    vae.save_pretrained(folder)
+    return folder

@@ -13,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import save_tiny_vae  # noqa: E402
 
 from megatron_ecdit.encoders import (  # noqa: E402
     DiffusersVAE,
@@ -215,22 +216,9 @@ def test_missing_tokenizer_folder_names_it(clip_dir, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def _save_tiny_vae(folder, shift_factor):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3,
-                        down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                        layers_per_block=1, latent_channels=8, norm_num_groups=4,
-                        sample_size=16, scaling_factor=0.5, shift_factor=shift_factor)
-    vae.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    return _save_tiny_vae(tmp_path_factory.mktemp("vae"), shift_factor=0.1)
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"), shift_factor=0.1)
 
 
 def test_tiny_vae_round_trip_applies_shift_and_scale(vae_dir):
@@ -255,7 +243,7 @@ def test_tiny_vae_round_trip_applies_shift_and_scale(vae_dir):
 
 
 def test_vae_without_shift_and_pipeline_folder(tmp_path):
-    _save_tiny_vae(tmp_path / "vae", shift_factor=None)
+    save_tiny_vae(tmp_path / "vae", shift_factor=None)
     vae = build_vae(tmp_path)  # pipeline root: its vae/ subfolder is used
     assert vae.shift_factor == 0.0 and vae.path == tmp_path / "vae"
     images = torch.zeros(1, 3, 8, 8)

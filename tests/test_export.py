@@ -82,9 +82,9 @@ def test_the_export_streams_in_bounded_memory(big):
     folder, checkpoint = big["paths"]["exported"], big["checkpoint"]
     ckpt_bytes = size_of(checkpoint)
     assert ckpt_bytes > 2e9
-    with WeightsFolder(folder) as weights:
-        largest_tensor = max(spec.nbytes for spec in weights.specs.values())
-        shards = [folder / name for name in weights.shard_files]
+    weights = WeightsFolder(folder)
+    largest_tensor = max(spec.nbytes for spec in weights.specs.values())
+    shards = [folder / name for name in weights.shard_files]
     largest_shard = max(f.stat().st_size for f in shards)
     assert len(shards) >= 4 and largest_shard <= SHARD + (1 << 20)
     peak = big["export_peak"]["fp32"]
@@ -101,14 +101,14 @@ def test_the_shards_and_index_are_what_diffusers_reads(big):
 
     folder = big["paths"]["exported"]
     index = json.loads((folder / INDEX).read_text())
-    with WeightsFolder(big["paths"]["synthetic"]) as source:
-        assert sorted(index["weight_map"]) == source.names
-        assert index["metadata"]["total_size"] == sum(s.nbytes for s in source.specs.values())
-        model = ECDiTTransformer2DModel.from_pretrained(folder)
-        assert model.config.hidden_size == 1152 and model.config.num_layers == 5
-        loaded = dict(model.named_parameters())
-        assert sorted(loaded) == source.names
-        different = [n for n in source.names if not torch.equal(loaded[n], source.read(n))]
+    source = WeightsFolder(big["paths"]["synthetic"])
+    assert sorted(index["weight_map"]) == source.names
+    assert index["metadata"]["total_size"] == sum(s.nbytes for s in source.specs.values())
+    model = ECDiTTransformer2DModel.from_pretrained(folder)
+    assert model.config.hidden_size == 1152 and model.config.num_layers == 5
+    loaded = dict(model.named_parameters())
+    assert sorted(loaded) == source.names
+    different = [n for n in source.names if not torch.equal(loaded[n], source.read(n))]
     assert different == []  # synthetic fp32 -> import -> EMA -> export fp32: unchanged
 
 
@@ -145,9 +145,9 @@ def test_a_bf16_export_imports_without_an_fp32_copy_of_the_file(big, ctx):
     assert r["peak_rss"] <= r["share"] + 170_000_000 + GiB, r
     imported = dist_checkpointing.load_plain_tensors(
         str(big["paths"]["from-bf16"] / "checkpoints" / "step_0000000"))
-    with WeightsFolder(big["paths"]["bf16"]) as weights:
-        name = max(weights.names, key=lambda n: weights.specs[n].nbytes)
-        stored = weights.read(name)
+    weights = WeightsFolder(big["paths"]["bf16"])
+    name = max(weights.names, key=lambda n: weights.specs[n].nbytes)
+    stored = weights.read(name)
     assert stored.dtype == torch.bfloat16
     assert imported[f"model.{name}"].dtype == torch.float32
     assert torch.equal(imported[f"model.{name}"], stored.float())

@@ -22,6 +22,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
 
 import check_checkpoints as cc  # noqa: E402
+from conftest import save_tiny_vae  # noqa: E402
 from megatron_ecdit.config import ModelConfig, MoEConfig, TrainConfig  # noqa: E402
 from megatron_ecdit.config import transformer_kwargs  # noqa: E402
 from megatron_ecdit.evaluation.geneval import read_jsonl  # noqa: E402
@@ -70,6 +71,10 @@ def images(folder: Path) -> np.ndarray:
 
 
 def test_the_pipeline_draws_what_ecdit_sample_draws(exported, tmp_path):
+    assert_draws_alike(exported, tmp_path)
+
+
+def assert_draws_alike(exported: Path, tmp_path: Path) -> None:
     folder = exported / "pipe"
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "ECDiTPipeline"
@@ -86,7 +91,7 @@ def test_the_pipeline_draws_what_ecdit_sample_draws(exported, tmp_path):
                               *args]) == 0
     reference = images(tmp_path / "s")
     assert [r["seed"] for r in read_jsonl(tmp_path / "s/metadata.jsonl")] == list(range(8))
-    assert mine.shape == reference.shape == (8, 16, 16, 3) and reference.std() > 10
+    assert mine.shape == reference.shape == (8, 16, 16, 3) and reference.std() > 5
     assert np.abs(mine - reference).max() <= 1
     # ecdit-sample reads the pipeline folder as it reads the checkpoint
     assert sample_ecdit.main([str(folder), str(tmp_path / "f"), *args]) == 0
@@ -117,3 +122,18 @@ def test_the_transformer_config_holds_every_model_and_moe_key():
     assert {k: signature[k].default for k in defaults} == defaults
     assert len(defaults) == len(dataclasses.fields(ModelConfig)) + len(dataclasses.fields(
         MoEConfig))
+
+
+def test_with_a_vae_the_pipeline_decodes_as_the_job_does(tmp_path_factory, tmp_path, ctx):
+    """A latent-space run (a tiny AutoencoderKL with shift and scale): the pipeline folder
+    carries the VAE, and decodes as the training job does."""
+    root = tmp_path_factory.mktemp("pipeline-vae")
+    save_tiny_vae(root / "vae", shift_factor=0.1)
+    train(cc.config(root / "run", ["train.steps=3", f"vae.path={root / 'vae'}",
+                                   f"diffusion.sample_shift={SHIFT}"]))
+    assert convert_checkpoint.main(["export", str(root / "run" / "checkpoints"),
+                                    str(root / "pipe"), "--pipeline", "--no-progress"]) == 0
+    index = json.loads((root / "pipe" / "model_index.json").read_text())
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert json.loads((root / "pipe/transformer/config.json").read_text())["in_channels"] == 8
+    assert_draws_alike(root, tmp_path)

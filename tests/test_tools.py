@@ -2,6 +2,7 @@
 checkpoint, and bad input that ends in one clear line and a non-zero exit (no traceback)."""
 
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -176,3 +177,32 @@ def test_an_export_appears_only_when_complete(trained, sharded, tmp_path, capsys
                                     "10XB", "--no-progress"])
     one_line_error(code, capsys.readouterr().err, 2, "max shard size '10XB'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_earlier_single_file_export_still_loads(sharded, tmp_path, capsys):
+    """config.json {"config", "export"} + one model.safetensors, as exports were written before
+    they were sharded: sampled, imported and loaded like a sharded one."""
+    from safetensors.torch import save_file
+
+    from megatron_ecdit.checkpoint import consolidated
+    from megatron_ecdit.checkpoint.exported import WeightsFolder
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    weights = WeightsFolder(sharded)
+    save_file({n: weights.read(n) for n in weights.names}, str(legacy / "model.safetensors"),
+              metadata={"format": "pt"})
+    saved = json.loads((sharded / "config.json").read_text())["_ecdit"]
+    (legacy / "config.json").write_text(json.dumps({"config": saved["config"],
+                                                    "export": saved["export"]}))
+    _, old = consolidated.load_pretrained(legacy)
+    _, new = consolidated.load_pretrained(sharded)
+    assert all(torch.equal(a, b) for a, b in zip(old.parameters(), new.parameters()))
+    for folder in (legacy, sharded):
+        assert sample_ecdit.main([str(folder), str(tmp_path / f"s-{folder.name}"), "--steps",
+                                  "2", "--compute-maps", "0"]) == 0
+    assert (tmp_path / "s-legacy/00000.png").read_bytes() == \
+        (tmp_path / "s-exported/00000.png").read_bytes()
+    assert convert_checkpoint.main(["import", str(legacy), str(tmp_path / "imported")]) == 0
+    assert inspect_checkpoint.main([str(legacy)]) == 0
+    assert "step: 2" in capsys.readouterr().out

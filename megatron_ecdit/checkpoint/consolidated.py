@@ -226,5 +226,4 @@ def load_pretrained(folder: str | os.PathLike,
         state[name] = tensor if dtype is None else tensor.to(DTYPES[dtype])
     # not strict: megatron-core's linear layers expect an (empty) `_extra_state` each
     model.load_state_dict(state, strict=False, assign=True)
-    exported.weights.close()
     return exported.cfg, model.eval()

@@ -237,16 +237,6 @@ class WeightsFolder:
         except (SafetensorError, OSError) as err:
             raise ExportError(f"{self.folder / name} is corrupt or truncated: {err}") from None
 
-    # A context manager for symmetry with files; nothing stays open between reads.
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "WeightsFolder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     @property
     def names(self) -> list[str]:
         return sorted(self._where)

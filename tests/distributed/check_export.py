@@ -82,8 +82,8 @@ def reference(folder: str, out: Path, overrides: list[str]) -> None:
     from megatron_ecdit.training.optim import EMA
     from megatron_ecdit.training.trainer import Job
 
-    with WeightsFolder(folder) as weights:
-        state = {name: weights.read(name).float() for name in weights.names}
+    weights = WeightsFolder(folder)
+    state = {name: weights.read(name).float() for name in weights.names}
     run = json.loads((Path(folder) / "config.json").read_text())["_ecdit"]["config"]
     job = Job(load_config(base=run, overrides=[f"train.output_dir={out}", "train.resume=never",
                                                *overrides]))
