@@ -37,7 +37,12 @@ def main(argv=None) -> int:
     except ConfigError as err:  # e.g. a layout the world size or the model cannot take
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except (CheckpointError, DataError) as err:
+    except CheckpointError as err:  # raised alike on every rank: one of them says it
+        import torch.distributed as dist
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return EXIT_RESUME if summary["stopped"] else 0

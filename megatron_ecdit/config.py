@@ -259,6 +259,10 @@ class CheckpointConfig:
     save_initial: bool = False
     keep_last: int = 2
     async_save: bool = False  # write shards in a forked process while training goes on
+    # megatron's distributed optimizer: dp_reshardable writes each rank's own buffers (no
+    # gather; loads at the same TP/PP/VPP/EP/expert-TP with any DP size); fully_reshardable
+    # gathers them over DP into model space (loads at any layout; for moving a run).
+    optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
 
 
 @dataclass

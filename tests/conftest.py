@@ -1,6 +1,8 @@
 """Shared fixtures. Models need megatron-core's (size-one) process groups in a single process."""
 
 import os
+import signal
+import subprocess
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -30,3 +32,18 @@ def save_tiny_vae(folder, shift_factor):
                         sample_size=16, scaling_factor=0.5, shift_factor=shift_factor)
     vae.save_pretrained(folder)
     return folder
+
+
+def run_in_own_session(cmd: list[str], env: dict, timeout: int = 300) -> int:
+    """Run `cmd` in its own session and return its exit code; afterwards kill what is left of
+    the session (a SIGKILLed trainer leaves dist_checkpointing's helper process behind)."""
+    with open(os.devnull, "w") as sink:
+        child = subprocess.Popen(cmd, env=env, stdout=sink, stderr=sink,
+                                 start_new_session=True)
+        try:
+            return child.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
 
 import check_checkpoints as cc  # noqa: E402
+from conftest import run_in_own_session  # noqa: E402
 from megatron_ecdit.checkpoint import consolidated, distributed  # noqa: E402
 from megatron_ecdit.checkpoint import exported as exported_files  # noqa: E402
 from megatron_ecdit.checkpoint.distributed import CheckpointError  # noqa: E402
@@ -38,22 +39,12 @@ def launch(nproc: int, *args: str) -> dict:
     result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return {**json.loads(line[len("RESULT "):]), "stdout": result.stdout}
 
 
 def run_child(*args) -> int:
-    """Run `check_checkpoints.py ARGS` in its own session; afterwards kill what is left of the
-    session (a SIGKILLed trainer leaves dist_checkpointing's helper process behind)."""
-    with open(os.devnull, "w") as sink:
-        child = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], env=ENV,
-                                 stdout=sink, stderr=sink, start_new_session=True)
-        try:
-            return child.wait(timeout=300)
-        finally:
-            try:
-                os.killpg(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    """Run `check_checkpoints.py ARGS` in its own session (see conftest.run_in_own_session)."""
+    return run_in_own_session([sys.executable, str(SCRIPT), *map(str, args)], ENV)
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -134,12 +125,13 @@ def test_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path, c
     monkeypatch.setattr(distributed.dist_checkpointing, "save", dying_save)
     job = Job(cc.config(out, ["train.steps=4"]))
     assert job.resume() == 2
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(distributed.SaveError, match=r"step_0000003 failed: disk full; .*"
+                       r"\.tmp-step_0000003 was removed and latest still points"):
         job.save(3)
     monkeypatch.setattr(distributed.dist_checkpointing, "save", real_save)
     root = out / "checkpoints"
     assert distributed.latest_checkpoint(root).name == "step_0000002"
-    assert (root / ".tmp-step_0000003").is_dir() and not (root / "step_0000003").exists()
+    assert not (root / ".tmp-step_0000003").exists() and not (root / "step_0000003").exists()
     assert Job(cc.config(out, ["train.steps=4"])).resume() == 2
 
 
@@ -220,9 +212,11 @@ def test_an_export_loads_without_torch_distributed_in_its_stored_dtype(saved, tm
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    """TP2 x PP2 x EP2 (x DP2) on 8 processes: train 4 steps saving at 2 and 4, resume from 2."""
+    """TP2 x PP2 x EP2 (x DP2) on 8 processes: train 4 steps saving at 2 and 4, resume from 2.
+    Its optimizer state is saved fully reshardable, to be moved to other layouts."""
     out = tmp_path_factory.mktemp("tp2pp2ep2") / "out"
-    return out, launch(8, "resume", out, "parallel.tp=2", "parallel.pp=2", "parallel.ep=2")
+    return out, launch(8, "resume", out, "parallel.tp=2", "parallel.pp=2", "parallel.ep=2",
+                       "checkpoint.optimizer_sharding=fully_reshardable")
 
 
 def test_resume_is_exact_at_tp2_pp2_ep2(big):
@@ -243,7 +237,9 @@ def test_reshard_tp2_pp2_ep2_to_ep4_and_one_process(big, tmp_path, ctx):
 
     out, _ = big
     ckpt, ref = out / "checkpoints" / "step_0000004", out / "outputs.npz"
-    at_ep4 = launch(4, "load", ckpt, ref, tmp_path / "ep4" / "out", "parallel.ep=4")
+    at_ep4 = launch(4, "load", ckpt, ref, tmp_path / "ep4" / "out", "parallel.ep=4",
+                    "checkpoint.optimizer_sharding=fully_reshardable")
+    assert "optimizer state not restored" not in at_ep4["stdout"]
     assert at_ep4["step"] == 4
     assert at_ep4["model_rel_err"] <= TOL and at_ep4["ema_rel_err"] <= TOL, at_ep4
     one = cc.load(str(ckpt), str(ref), tmp_path / "one" / "out", [])
@@ -255,6 +251,34 @@ def test_reshard_tp2_pp2_ep2_to_ep4_and_one_process(big, tmp_path, ctx):
         str(tmp_path / "ep4" / "out" / "checkpoints" / "step_0000004")))
     assert set(a) == set(b) and any("optimizer" in k and "exp_avg_sq" in k for k in a)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_each_rank_s_own_optimizer_buffers_load_at_another_data_parallel_size(tmp_path):
+    """The routine format (dp_reshardable, megatron-core's distributed optimizer): saved at
+    DP2, the optimizer state loads at DP4 exactly (both written again in model space, every
+    tensor bit-identical); at another expert-parallel size the weights load and the optimizer
+    starts fresh, which the log says."""
+    from megatron.core import dist_checkpointing
+
+    out = tmp_path / "dp2" / "out"
+    r = launch(2, "resume", out)
+    assert r["full"] == r["resumed"]
+    ckpt, ref = out / "checkpoints" / "step_0000004", out / "outputs.npz"
+    assert distributed.read_common(ckpt)["optimizer_sharding"] == "dp_reshardable"
+    model_space = "checkpoint.optimizer_sharding=fully_reshardable"
+    again = {n: launch(n, "load", ckpt, ref, tmp_path / f"dp{n}" / "again", model_space)
+             for n in (2, 4)}
+    for n, result in again.items():
+        assert result["model_rel_err"] == 0.0 and "optimizer state not restored" not in \
+            result["stdout"], n
+    a, b = (_flat(dist_checkpointing.load_plain_tensors(
+        str(tmp_path / f"dp{n}" / "again" / "checkpoints" / "step_0000004"))) for n in (2, 4))
+    assert set(a) == set(b) and sum("exp_avg_sq" in k for k in a) > 10
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    at_ep2 = launch(2, "load", ckpt, ref, tmp_path / "ep2" / "out", "parallel.ep=2")
+    assert at_ep2["model_rel_err"] == 0.0
+    assert "optimizer state not restored: saved dp_reshardable at TP1 PP1 VPP1 EP1 ETP1" in \
+        at_ep2["stdout"]
 
 
 def test_megatron_checkpoint_goes_to_deepspeed_through_the_consolidated_format(big, tmp_path):

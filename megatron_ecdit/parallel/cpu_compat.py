@@ -9,7 +9,8 @@ only inside megatron-core's own modules:
   whose `torch.cuda` answers current_device() with the CPU, makes synchronize() and
   empty_cache() no-ops and streams null contexts;
 - `Tensor.type()` called from megatron-core without arguments reports CPU tensors under their
-  CUDA names, so its dtype checks pass unchanged.
+  CUDA names, so its dtype checks pass unchanged;
+- `Tensor.cuda()` and dist_checkpointing's `ShardedTensor.init_data("cuda")` stay on the CPU.
 
 No collective, layer or optimizer is replaced: the math is megatron-core's. `apply()` does
 nothing when CUDA is available, and is idempotent.
@@ -138,5 +139,10 @@ def apply() -> bool:
     _patch_tensor_type()
     # Tensor.cuda() (used to move small send buffers) stays on the CPU.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    # The fully parallel load's exchange buffers: ShardedTensor.init_data("cuda").
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    init_data = ShardedTensor.init_data
+    ShardedTensor.init_data = lambda self, device, init_fn=torch.empty: init_data(
+        self, _cpu_device(device), init_fn)
     _applied = True
     return True

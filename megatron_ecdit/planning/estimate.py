@@ -28,6 +28,7 @@ per GEMM caps the expert GEMMs), plus TP, EP and PP traffic on the critical path
 bubble, and the data-parallel gradient reduction (not overlapped: the job runs megatron-core's
 DDP without overlap). Links: NVLink inside a node, a stated bandwidth between nodes; a group
 whose ranks span nodes runs at the inter-node rate. Every constant is in `Cluster` and printed.
+The checkpoint's size, bytes per rank and save time: planning/checkpoints.py.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from megatron_ecdit.config import Config
 from megatron_ecdit.models.ecdit import stage_layers
 from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.planning import activations as act
+from megatron_ecdit.planning.checkpoints import CheckpointPlan, Storage, checkpoint_plan
 from megatron_ecdit.planning.params import ParamCount, rank_params
 
 GiB = 1024 ** 3
@@ -59,6 +61,7 @@ class Cluster:
     reserved_gib: float = 6.0  # CUDA context, NCCL buffers, allocator fragmentation
     max_gemm_efficiency: float = 0.6  # of peak, for large bf16 GEMMs in eager PyTorch
     half_efficiency_rows: int = 512  # a GEMM with this many rows reaches half of that
+    storage: Storage = Storage()  # where checkpoints go
 
     @property
     def world_size(self) -> int:
@@ -80,7 +83,8 @@ class Cluster:
                 f"links: {self.nvlink_gb_s:g} GB/s per GPU inside a node (NVLink), "
                 f"{self.internode_gb_s:g} GB/s per GPU between nodes; a group spanning nodes "
                 "runs at the inter-node rate; no overlap of communication with compute",
-                PRECISION[precision] + "; rank order tp-ep-dp-pp (megatron-core)"]
+                PRECISION[precision] + "; rank order tp-ep-dp-pp (megatron-core)",
+                self.storage.describe()]
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class Estimate:
     times: dict[str, float]  # seconds per step, itemised
     expert_gemm_rows: int  # tokens per expert per GEMM
     peak_flops: float  # per GPU, FLOP/s
+    checkpoint: CheckpointPlan
     fits: bool = True
 
     @property
@@ -168,9 +173,11 @@ def estimate(cfg: Config, layout: ParallelLayout, cluster: Cluster, run: Run) ->
 
     # ---- memory, per pipeline stage; the worst one decides
     worst: tuple[float, dict, ParamCount] | None = None
+    stages = []
     for r in range(lay.pp):
         p = rank_params(m, moe, tp=lay.tp, pp=lay.pp, vpp=lay.vpp, ep=lay.ep, etp=lay.etp,
                         pp_rank=r)
+        stages.append(p)
         mem = _model_states(m.num_layers // lay.pp, lay, p, run.precision)
         blocks = [i for v in range(lay.vpp) for i in stage_layers(m.num_layers, lay.pp, lay.vpp, r, v)]
         per_mb = sum(act.block_bytes(m, moe, shape, factors.get(i), lay.recompute) for i in blocks)
@@ -214,8 +221,10 @@ def estimate(cfg: Config, layout: ParallelLayout, cluster: Cluster, run: Run) ->
     times = {"compute": compute, **times}
     on_path = compute + times.get("tp", 0) + times.get("ep", 0) + times.get("pp", 0)
     times["pipeline_bubble"] = on_path * bubble
+    ckpt = checkpoint_plan(lay, stages, run.precision, cluster.gpus_per_node, cluster.storage,
+                           sum(times.values()))
     est = Estimate(lay, run, nmb, params, memory, flops, model_flops, comm, times, rows_expert,
-                   peak)
+                   peak, ckpt)
     est.fits = est.memory_total <= cluster.gpu_memory_gib * GiB
     return est
 

@@ -18,6 +18,7 @@ import re
 import sys
 
 from megatron_ecdit.config import PAPER_SIZES, Config, ConfigError, load_config, paper_model
+from megatron_ecdit.planning.checkpoints import Storage
 from megatron_ecdit.planning.estimate import GiB, Cluster, Estimate
 from megatron_ecdit.planning.search import overrides, plan
 
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-tflops", type=float, default=989.0, help="peak dense bf16")
     parser.add_argument("--internode-gb-s", type=float, default=Cluster.internode_gb_s,
                         help="bandwidth per GPU between nodes")
+    parser.add_argument("--storage-gb-s", type=_storage, default=Storage(),
+                        metavar="NODE[,AGGREGATE]",
+                        help="checkpoint storage: GB/s per node, and of the whole file system "
+                             f"(default {Storage.node_gb_s:g},{Storage.aggregate_gb_s:g})")
     parser.add_argument("--global-batch", type=int, default=4096, help="images per step")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                         help="default: the config's train.precision")
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gib, args.gpu_tflops,
-                      internode_gb_s=args.internode_gb_s)
+                      internode_gb_s=args.internode_gb_s, storage=args.storage_gb_s)
     names = {"recompute": "activation_checkpointing", "micro_batch": "micro_batch_size"}
     fixed = {names.get(k, k): getattr(args, k) for k in FIXED if getattr(args, k) is not None}
     if "tp" in fixed and "sp" not in fixed:
@@ -106,12 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  parameters per GPU: {best.params.dense / 1e9:.3f}B dense + "
           f"{best.params.expert / 1e9:.3f}B expert; {best.expert_gemm_rows} tokens per expert "
           "per GEMM")
+    ck = best.checkpoint
+    print(f"  checkpoint: {ck.total_bytes / 1e9:.1f} GB; each rank writes and reads "
+          + " / ".join(f"{b / 1e9:.2f}" for b in ck.rank_bytes)
+          + f" GB (per pipeline stage); save {ck.save_seconds:.0f} s, load "
+          f"{ck.load_seconds:.0f} s; preemption warning {ck.signal_lead_seconds} s")
     over_rides = " ".join(overrides(best))
     print(f"\noverrides: {over_rides}")
     config = args.config or "CONFIG.yaml"
-    print(f"sbatch --nodes={args.nodes} --gpus-per-node={args.gpus_per_node} "
-          f"--ntasks-per-node={args.gpus_per_node} examples/slurm/pretrain_ecdit.sbatch "
-          f"{config} {over_rides}")
+    lead = ck.signal_lead_seconds
+    print(f"ECDIT_SIGNAL_LEAD={lead} sbatch --nodes={args.nodes} "
+          f"--gpus-per-node={args.gpus_per_node} --ntasks-per-node={args.gpus_per_node} "
+          f"--signal=USR1@{lead} examples/slurm/pretrain_ecdit.sbatch {config} {over_rides}")
     print("\nassumptions:\n"
           + "\n".join(f"  - {line}" for line in cluster.assumptions(precision)))
     return 0
@@ -126,7 +137,18 @@ def _as_json(e: Estimate) -> dict:
             "flops_per_step": e.flops, "model_flops_per_step": e.model_flops,
             "comm_bytes_per_gpu": e.comm, "times_s": e.times, "step_time_s": e.step_time,
             "mfu": e.mfu,
-            "tokens_per_expert_gemm": e.expert_gemm_rows}
+            "tokens_per_expert_gemm": e.expert_gemm_rows,
+            "checkpoint": dataclasses.asdict(e.checkpoint)}
+
+
+def _storage(text: str) -> Storage:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NODE[,AGGREGATE] in GB/s, got {text!r}")
+    if not 1 <= len(values) <= 2 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected NODE[,AGGREGATE] in GB/s > 0, got {text!r}")
+    return Storage(*values)
 
 
 if __name__ == "__main__":

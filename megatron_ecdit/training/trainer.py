@@ -30,7 +30,6 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -85,7 +84,10 @@ class Job:
         self._derive_model_inputs()
         self.data_state: Optional[dict[str, Any]] = None  # a resumed data position
         self.data: Optional[BatchStream] = None
-        self.saver = AsyncCallsQueue() if cfg.checkpoint.async_save else None
+        c = cfg.checkpoint
+        self.checkpointer = checkpoints.Checkpointer(
+            self.out / "checkpoints", keep_last=c.keep_last, async_save=c.async_save,
+            optimizer_sharding=c.optimizer_sharding)
         self.pipeline: Optional[PipelineRunner] = None
         # Weights are drawn on the CPU, by parameter name from the seed (the same on any device
         # and layout), then moved. megatron-core's layers draw nothing of their own.
@@ -161,9 +163,7 @@ class Job:
         common = {"config": self.cfg.to_dict(), "layout": self.layout.describe()}
         with self.backend.gathered():
             check_replicas(self.chunks, self.ctx)
-            return checkpoints.save(self.out / "checkpoints", step, parts, common,
-                                    keep_last=self.cfg.checkpoint.keep_last, queue=self.saver,
-                                    weights_only=weights_only)
+            return self.checkpointer.save(step, parts, common, weights_only=weights_only)
 
     def load_exported(self, weights: WeightsFolder) -> None:
         """This rank's slices of an export's weights, each read alone (consolidated.load_into);
@@ -179,12 +179,16 @@ class Job:
         choice = self.cfg.train.resume
         if choice == "never":
             return 0
-        path = (checkpoints.latest_checkpoint(self.out / "checkpoints") if choice == "auto"
-                else checkpoints.resolve_checkpoint(choice))
-        if path is None:
-            return 0
+        path = choice
+        if choice == "auto":  # rank 0's view of `latest` decides for every rank
+            found = checkpoints.latest_checkpoint(self.out / "checkpoints")
+            box = [None if found is None else str(found)]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is None:
+                return 0
+            path = box[0]
         parts = self.checkpoint_parts()
-        common, rank, notes = checkpoints.load(path, parts)
+        common, rank, notes = self.checkpointer.load(path, parts)
         params = dict(self.model.named_parameters())
         with torch.no_grad():  # back into the EMA's own storage (a no-op unless partitioned)
             for name, average in self.ema.shadow.items():
@@ -481,21 +485,19 @@ def train(cfg: Config) -> dict[str, float]:
             metrics_file.flush()
             bar.set_postfix(loss=f"{value:.3f}")
             bar.update(1)
-        if job.saver is not None:  # publish asynchronous saves that have finished (collective)
-            job.saver.maybe_finalize_async_calls(blocking=False)
+        job.checkpointer.finalize()  # publish asynchronous saves that have finished (collective)
         stopped = stop.should_stop()
         if stopped or step == tc.steps or (save_every and step % save_every == 0):
             path = job.save(step)
             if job.is_writer:
-                bar.write(f"{'saving' if job.saver else 'saved'} {path}")
+                bar.write(f"{'saving' if job.checkpointer.queue else 'saved'} {path}")
         if stopped:
             break
         if tc.sample_interval and step % tc.sample_interval == 0 and step != tc.steps:
             write_pictures(job, suffix=f"_step{step}")
     bar.close()
     stop.close()
-    if job.saver is not None:
-        job.saver.maybe_finalize_async_calls(blocking=True)
+    job.checkpointer.close()  # the asynchronous saves written and published
     bad_input = job.bad_input_summary()
     if job.is_writer:
         print(f"data: {bad_input}")

@@ -10,6 +10,11 @@
         tools/convert_checkpoint.py at this layout, load it, compare outputs (EMA) with REF
     check_checkpoints.py kill STEP OUT [overrides]   train (saving as configured) and SIGKILL
         this process once step STEP has finished
+    check_checkpoints.py killsave STEP OUT [overrides]   train and SIGKILL this process in the
+        middle of the save of step STEP: written, not yet published
+    check_checkpoints.py race OUT [overrides]   two checkpoints; then rank 1 is handed another
+        `latest` than rank 0 (every rank must load rank 0's), then rank 1 cannot read the
+        folder rank 0 chose (every rank must stop with one error naming rank 1)
 """
 
 import json
@@ -140,15 +145,60 @@ def kill(step: int, out: Path, overrides: list[str]) -> None:
     train(config(out, overrides))
 
 
+def killsave(step: int, out: Path, overrides: list[str]) -> None:
+    import signal
+
+    from megatron_ecdit.checkpoint import distributed
+
+    publish = distributed.Checkpointer._publish
+
+    def dying_publish(self, tmp, final, saved_step):
+        if saved_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        publish(self, tmp, final, saved_step)
+
+    distributed.Checkpointer._publish = dying_publish
+    train(config(out, overrides))
+
+
+def race(out: Path, overrides: list[str]) -> dict:
+    from megatron_ecdit.checkpoint import distributed
+
+    train(config(out, ["train.steps=2", "checkpoint.save_interval=1", *overrides]))
+    root = out / "checkpoints"
+    first = root / "step_0000001"
+    if dist.get_rank() == 1:  # this rank's view of `latest` is stale
+        distributed.latest_checkpoint = lambda folder: first
+    loaded = [None] * dist.get_world_size()
+    dist.all_gather_object(loaded, Job(config(out, ["train.resume=auto", *overrides])).resume())
+    if dist.get_rank() == 1:  # and now it cannot read the checkpoint at all
+        def unreadable(path):
+            raise distributed.CheckpointError(f"{path}: cannot read (simulated)")
+        distributed.verify = unreadable
+    try:
+        Job(config(out, ["train.resume=auto", *overrides])).resume()
+        error = None
+    except distributed.CheckpointError as err:
+        error = str(err)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return {"loaded": loaded, "errors": errors}
+
+
 def main() -> None:
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "kill":
         kill(int(args[0]), Path(args[1]), args[2:])
         return
+    if mode == "killsave":
+        killsave(int(args[0]), Path(args[1]), args[2:])
+        return
     if mode == "resume":
         result = resume(Path(args[0]), args[1:])
     elif mode == "load":
         result = load(args[0], args[1], Path(args[2]), args[3:])
+    elif mode == "race":
+        result = race(Path(args[0]), args[1:])
     else:
         result = import_(args[0], args[1], Path(args[2]), args[3:])
     if dist.get_rank() == 0:

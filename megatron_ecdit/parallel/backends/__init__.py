@@ -13,7 +13,7 @@ and the checkpoints see only `OptimizerBackend`.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Protocol
+from typing import ContextManager, Optional, Protocol
 
 import torch
 from torch import nn
@@ -27,7 +27,10 @@ class OptimizerBackend(Protocol):
     """What the training loop and checkpoints call; the backend owns gradient reduction over
     its groups, clipping, and whatever copies of the weights it keeps."""
 
-    checkpoint_format: str  # its optimizer-state layout; loadable by the same format anywhere
+    checkpoint_format: str  # its optimizer-state format: state loads into the same format only
+    # What else a checkpoint's optimizer state needs to match when it was saved in a form tied
+    # to the buffers (megatron's dp_reshardable); None where the state is in model space.
+    optimizer_layout: Optional[str]
     module: nn.Module  # what the loop calls forward on (a wrapper, or the model itself)
     modules: list[nn.Module]  # every wrapped model chunk (virtual pipelining has several)
 
@@ -42,8 +45,10 @@ class OptimizerBackend(Protocol):
         """The parameters were overwritten (a load): refresh every copy of them the backend
         keeps (fp32 partitions, main parameters), so that the next step starts from them."""
 
-    def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
-        """Its optimizer state as dist_checkpointing tensors, described in model space."""
+    def sharded_state_dict(self, model_state: dict, is_loading: bool,
+                           sharding: Optional[str] = None) -> dict:
+        """Its optimizer state as dist_checkpointing tensors: in model space, or (megatron's
+        distributed optimizer with `sharding="dp_reshardable"`) each rank's own buffers."""
 
     def load_state_dict(self, state: dict, step: int) -> None: ...
 
@@ -67,6 +72,8 @@ class OptimizerBackend(Protocol):
 
 class WholeParameters:
     """The weight placement of the backends that keep every parameter whole on its ranks."""
+
+    optimizer_layout: Optional[str] = None  # optimizer state in model space (full tensors)
 
     def gathered(self, modify: bool = False) -> ContextManager[None]:
         return contextlib.nullcontext()

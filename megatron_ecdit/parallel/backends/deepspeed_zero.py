@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import ContextManager
+from typing import ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -211,8 +211,10 @@ class DeepSpeedZeRO:
 
     _STATE = ("fp32_param", "exp_avg", "exp_avg_sq")
     checkpoint_format = "deepspeed-zero"  # every stage alike: full tensors per parameter
+    optimizer_layout = None  # model space: loads at any layout
 
-    def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
+    def sharded_state_dict(self, model_state: dict, is_loading: bool,
+                           sharding: Optional[str] = None) -> dict:
         """The fp32 master weights and Adam moments of every parameter, gathered over the
         data-parallel group by DeepSpeed's own accessors and described in model space like
         the parameter (collective; under ZeRO-3 inside `gathered`, where `model_state`

@@ -12,8 +12,11 @@ the same step.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
 from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                        finalize_model_grads)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -57,6 +60,12 @@ class MegatronZeRO(WholeParameters):
         dtype = next(chunks[0].parameters()).dtype
         bf16 = dtype == torch.bfloat16
         self.checkpoint_format = f"megatron-zero{layout.zero_stage}" + ("-bf16" if bf16 else "")
+        # What dp_reshardable optimizer state is tied to: the buffers' structure, which the
+        # model-parallel degrees and the gradient buckets decide (not the data-parallel size).
+        self.optimizer_layout = (f"TP{layout.tp} PP{layout.pp} VPP{layout.vpp} EP{layout.ep} "
+                                 f"ETP{layout.etp}, "
+                                 f"{'bucketed' if layout.overlap_grad_reduce else 'one'} "
+                                 "gradient buffer per dtype")
         self.config = transformer_config(model_cfg, moe, ctx, layout, dtype)
         # `pipeline_parallel` grads are summed over the pipeline by _sum_replicated_embedder_grads,
         # not by finalize_model_grads (which would sum after the data-parallel reduce-scatter).
@@ -135,45 +144,55 @@ class MegatronZeRO(WholeParameters):
         _, grad_norm, _ = self.optimizer.step()
         return float(grad_norm)
 
-    def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
-        """megatron-core's own, per distributed optimizer (dense, and experts), in its
-        'fully_reshardable' form: the fp32 master weights and Adam moments gathered over DP and
-        described like the parameters (model space), so any layout can load them.
+    def sharded_state_dict(self, model_state: dict, is_loading: bool,
+                           sharding: Optional[str] = None) -> dict:
+        """megatron-core's own, per distributed optimizer (dense, and experts):
+        `dp_reshardable` (the default) writes each rank's own buffers of fp32 main weights and
+        Adam moments, with no gather and no copy, loadable at this layout with any
+        data-parallel size; `fully_reshardable` gathers them over DP and describes them like the
+        parameters (model space), so any layout can load them.
 
         Two repairs for megatron-core 0.16 without Apex or Transformer Engine: its state_dict
         reads the Adam step from torch's per-parameter state, so a fresh optimizer gets its
         state created first; and an optimizer without parameters on this rank (the experts' on
         a pipeline stage without MoE blocks) cannot describe itself, so it is left out."""
         state = {}
+        sharding = sharding or "dp_reshardable"
         for index, optimizer in enumerate(self._optimizers()):
             if not any(group["params"] for group in optimizer.optimizer.param_groups):
                 continue
             initialise_state(optimizer.optimizer)  # before the first step there is none yet
             state[index] = optimizer.sharded_state_dict(
                 model_state, is_loading=is_loading,
-                metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+                metadata={"distrib_optim_sharding_type": sharding})
+            if sharding == "dp_reshardable":  # its keys repeat per optimizer: prefixed, as
+                add_prefix_for_sharding(state[index], f"chained_{index}.")  # megatron's own
         return state
 
+    @torch.no_grad()  # the fp32 main weights are views of the parameters
     def load_state_dict(self, state: dict, step: int) -> None:
-        """megatron-core's load, repaired: its fully-reshardable reader skips torch Adam's
-        per-parameter `step` but then expects it among the tensors to fill (KeyError). So each
-        distributed optimizer loads its groups first (rank 0's, or its own where rank 0 had
-        none), then its parameter state with `step` set aside; `step` is restored from the
-        checkpoint's step as one tensor per parameter (megatron-core would hand every
-        parameter the same tensor, which torch's Adam then advances once per parameter)."""
+        """megatron-core's load, repaired: its readers skip torch Adam's per-parameter `step`
+        but then expect it among the tensors to fill (KeyError). So each distributed optimizer
+        loads its groups first (rank 0's, or its own where rank 0 had none), then its parameter
+        state with `step` set aside; `step` is restored from the checkpoint's step as one
+        tensor per parameter (megatron-core would hand every parameter the same tensor, which
+        torch's Adam then advances once per parameter)."""
         for index, optimizer in enumerate(self._optimizers()):
             if index not in state:
                 continue
             own = dict(state[index])
             param_state = own.pop("param_state", None)  # absent for zero_stage 0
-            own.pop("param_state_sharding_type", None)
+            sharding = own.pop("param_state_sharding_type", None)
             for key, value in optimizer.state_dict().items():  # groups rank 0 could not save
                 own.setdefault(key, value)
             optimizer.load_state_dict(own)
             if param_state is not None:
                 for param_state_ in optimizer.optimizer.state.values():
                     param_state_.pop("step", None)
-                optimizer.load_parameter_state_from_fully_reshardable(param_state)
+                if sharding == "dp_reshardable":
+                    optimizer.load_parameter_state_from_dp_reshardable(param_state)
+                else:
+                    optimizer.load_parameter_state_from_fully_reshardable(param_state)
             for param_state_ in optimizer.optimizer.state.values():
                 param_state_["step"] = torch.tensor(float(step))
 

@@ -11,6 +11,8 @@ set from them after each step (round to nearest).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                    optim_state_to_sharding_state)
@@ -109,7 +111,8 @@ class TorchOptimizer(WholeParameters):
                 torch._foreach_copy_([p for p, _ in self.copies], [m for _, m in self.copies])
         return norm
 
-    def sharded_state_dict(self, model_state: dict, is_loading: bool) -> dict:
+    def sharded_state_dict(self, model_state: dict, is_loading: bool,
+                           sharding: Optional[str] = None) -> dict:
         """The optimizer's moments (and the fp32 main weights, as `fp32_param`, megatron's
         name) as ShardedTensors shaped like the parameters (megatron-core's helpers for regular
         torch optimizers); the step count is restored from the checkpoint's step, as every
