@@ -9,9 +9,38 @@ follows megatron-core's order (tp-cp-ep-dp-pp for experts, tp-cp-dp-pp for the r
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from dataclasses import dataclass
 
 from megatron_ecdit.config import Config, ConfigError
+
+
+# DeepSpeed's checkpoints go through its full-tensor accessors (parallel/backends/
+# deepspeed_zero.py): 12 bytes per parameter of a rank's tensor-parallel shard at every save,
+# 24 GB at this size.
+DEEPSPEED_MAX_PARAMS_PER_TP_RANK = 2e9
+
+
+def _trainable_params(cfg: Config) -> int:
+    """The model's trainable parameters, counted on the meta device (once per model)."""
+    return _count(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True),
+                  json.dumps(dataclasses.asdict(cfg.moe), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _count(model_json: str, moe_json: str) -> int:
+    import torch
+
+    from megatron_ecdit.config import ModelConfig, MoEConfig
+    from megatron_ecdit.layers.tensor_parallel import ParallelContext
+    from megatron_ecdit.models.ecdit import ECDiT
+
+    with torch.device("meta"):
+        model = ECDiT(ModelConfig(**json.loads(model_json)), MoEConfig(**json.loads(moe_json)),
+                      ParallelContext.meta())
+    return sum(p.numel() for p in model.parameters())
 
 
 @dataclass(frozen=True)
@@ -107,6 +136,16 @@ class ParallelLayout:
                                   "parameter groups under ZeRO-3 (\"MoE not supported with "
                                   "Stage 3\"; only its AutoEP layers are); use parallel.zero="
                                   "megatron for expert parallelism with sharded optimizer state")
+            params = _trainable_params(cfg)
+            if params / p.tp > DEEPSPEED_MAX_PARAMS_PER_TP_RANK:
+                raise ConfigError(
+                    f"parallel.zero=deepspeed: {params / 1e9:.1f}B parameters are "
+                    f"{params / p.tp / 1e9:.1f}B per tensor-parallel rank, above the "
+                    f"{DEEPSPEED_MAX_PARAMS_PER_TP_RANK / 1e9:g}B its checkpoints scale to: every "
+                    "save makes fp32 copies of the weights and both Adam moments of a rank's "
+                    "whole tensor-parallel shard (12 bytes per parameter) and all-reduces them "
+                    "over data parallelism, on every rank; use parallel.zero=megatron, whose "
+                    "saves are fully parallel, each rank writing its own part")
             if p.zero_stage == 3 and cfg.checkpoint.async_save:
                 raise ConfigError("checkpoint.async_save does not work with DeepSpeed ZeRO-3: "
                                   "its parameters are gathered only while a save is scheduled, "
