@@ -376,11 +376,14 @@ class Checkpointer:
                                  else str(loaded["common"]["step"]))
         if steps:
             raise CheckpointError(f"ranks loaded different steps from {path}: {steps}")
-        # The backend's own copies of the weights (fp32 master partitions, main parameters)
-        # follow the loaded parameters; otherwise its next step would write the old weights.
-        parts.backend.reload_model_params()
-        if with_optimizer:
+        if with_optimizer:  # its state holds the backend's own (fp32) copies of the weights
             parts.backend.load_state_dict(loaded["optimizer"], common["step"])
+        else:
+            # The backend's own copies of the weights (fp32 master partitions, main parameters)
+            # follow the loaded parameters; otherwise its next step would write the old ones.
+            # Not after a load of its state: megatron's dp_reshardable state is loaded in place,
+            # into those very copies.
+            parts.backend.reload_model_params()
         return common, loaded.get("rank_state"), notes
 
 

@@ -85,6 +85,7 @@ class MegatronZeRO(WholeParameters):
             self.modules)
         self.num_microbatches = num_microbatches
         self._backwards = 0  # micro-batches since the last step (without pipelining)
+        self._sharding = "dp_reshardable"  # of the optimizer state last described
 
     def zero_grad(self) -> None:
         for module in self.modules:
@@ -158,6 +159,7 @@ class MegatronZeRO(WholeParameters):
         a pipeline stage without MoE blocks) cannot describe itself, so it is left out."""
         state = {}
         sharding = sharding or "dp_reshardable"
+        self._sharding = sharding  # what load_state_dict then receives (common.pt is rank 0's)
         for index, optimizer in enumerate(self._optimizers()):
             if not any(group["params"] for group in optimizer.optimizer.param_groups):
                 continue
@@ -182,14 +184,14 @@ class MegatronZeRO(WholeParameters):
                 continue
             own = dict(state[index])
             param_state = own.pop("param_state", None)  # absent for zero_stage 0
-            sharding = own.pop("param_state_sharding_type", None)
+            own.pop("param_state_sharding_type", None)
             for key, value in optimizer.state_dict().items():  # groups rank 0 could not save
                 own.setdefault(key, value)
             optimizer.load_state_dict(own)
             if param_state is not None:
                 for param_state_ in optimizer.optimizer.state.values():
                     param_state_.pop("step", None)
-                if sharding == "dp_reshardable":
+                if self._sharding == "dp_reshardable":
                     optimizer.load_parameter_state_from_dp_reshardable(param_state)
                 else:
                     optimizer.load_parameter_state_from_fully_reshardable(param_state)
