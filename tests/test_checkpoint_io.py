@@ -174,10 +174,17 @@ def test_a_write_that_fails_is_cleaned_up_and_says_the_disk_is_full(tmp_path, ct
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
     try:
         monkeypatch.setattr(distributed.Checkpointer, "_check_space", lambda *a: None)
-        job = Job(cc.config(disk / "out", ["train.resume=never",
-                                           f"data.urls={tmp_path}/data/{{000000..000003}}.tar"]))
+        data = f"data.urls={tmp_path}/data/{{000000..000003}}.tar"
+        job = Job(cc.config(disk / "out", ["train.resume=never", data]))
         with pytest.raises(distributed.SaveError, match=r"step_0000001 failed: the disk is full"):
             job.save(1)
+        assert not list((disk / "out" / "checkpoints").glob("*step*"))
+        # asynchronously: the failure is seen when the save is finalized
+        job = Job(cc.config(disk / "out", ["train.resume=never", data,
+                                           "checkpoint.async_save=true"]))
+        job.save(1)
+        with pytest.raises(distributed.SaveError, match=r"step_0000001 failed: the disk is full"):
+            job.checkpointer.finalize(blocking=True)
         assert not list((disk / "out" / "checkpoints").glob("*step*"))
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
