@@ -63,6 +63,10 @@ LAYOUTS = {  # name: (processes, overrides, reference)
     "one-token-choice-mb2": (1, TC_MB2, None),
     "PP2-token-choice-mb2": (2, ["parallel.pp=2", *TC_MB2], "one-token-choice-mb2"),
     "DeepSpeed-ZeRO2-TP2": (2, ["parallel.tp=2", *DS2], "one"),
+    # sequence parallelism: the layers in its region sum their gradients over TP themselves
+    "DeepSpeed-ZeRO1-TP2+SP": (2, ["parallel.tp=2", "parallel.sp=true", "parallel.zero=deepspeed",
+                                   "parallel.zero_stage=1"], "one"),
+    "DeepSpeed-ZeRO2-TP2+SP": (2, ["parallel.tp=2", "parallel.sp=true", *DS2, HALF], "one"),
     "DeepSpeed-ZeRO2-TP2-mb2": (2, ["parallel.tp=2", "train.num_microbatches=2", *DS2],
                                 "one-mb2"),
     "EP2": (2, ["parallel.ep=2"], "DP2"),
@@ -87,7 +91,8 @@ LAYOUTS = {  # name: (processes, overrides, reference)
 }
 # Resumed half-way from their own checkpoint, these runs must equal the uninterrupted ones bit
 # for bit (bf16: the fp32 main weights are saved and restored).
-RESUMED = ["DeepSpeed-ZeRO3-DP2", "one-bf16", "DP2-bf16", "DeepSpeed-ZeRO1-DP2-bf16"]
+RESUMED = ["DeepSpeed-ZeRO3-DP2", "one-bf16", "DP2-bf16", "DeepSpeed-ZeRO1-DP2-bf16",
+           "DeepSpeed-ZeRO2-TP2+SP"]
 FINETUNE = {  # name: (processes, overrides): 3 steps from the imported weights
     "one": (1, []),
     "TP2": (2, ["parallel.tp=2"]),

@@ -9,7 +9,7 @@ reduced or drawn.
 | `tensor_model_parallel`, `partition_dim`, `partition_stride` | megatron-core's TP layers; `moe/experts.py` (expert-TP) | one axis is split over (expert-)TP ranks; megatron's and DeepSpeed's grad-norm code count every shard |
 | `expert_dims` = (ep_dim, etp_dim) | `moe/experts.py` | experts split over EP along ep_dim, hidden over expert-TP along etp_dim |
 | `allreduce` = False | `moe/experts.py` | an expert parameter: gradients reduced over expert-DP, not DP (megatron-core DDP and DeepSpeed read it) |
-| `sequence_parallel` | `models/ecdit.py`, megatron-core | sees a sequence slice under SP: gradients summed over TP |
+| `sequence_parallel` | megatron-core (set False here) | sees a sequence slice under SP: gradients summed over TP by megatron's finalize_model_grads. None of ours carries it: the layers in the SP region with parameters (layers/tensor_parallel.py's RowLinear bias and SequenceParallelLayerNorm, adaLN's modulation) sum their gradients over TP in backward, so every backend gets them whole |
 | `pipeline_parallel` | `models/ecdit.py` | a conditioning embedder replicated on every pipeline stage: gradients summed over the pipeline group |
 | `shared` | `models/ecdit.py` | a replica off the first stage: counted once in the gradient norm |
 | `initializer` | every layer (`declare_init`) | how the full single-process tensor is drawn from a generator (`parallel/sharding.py` draws it by name and keeps this rank's slice) |

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from torch import nn
 
 from megatron_ecdit.layers.param_tags import declare_linear_init
@@ -107,16 +108,45 @@ def _forward(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class RowLinear(nn.Module):
     """Y = X W^T + b with W split by input columns over TP, output reduced (or
-    reduce-scattered along the sequence under sequence parallelism)."""
+    reduce-scattered along the sequence under sequence parallelism).
+
+    Under sequence parallelism the bias is added after the reduce-scatter, to this rank's
+    slice of the tokens only, so its gradient is partial: it is summed over TP on the way back
+    (megatron's copy-to-TP-region), whatever the optimizer backend, instead of afterwards by
+    megatron-core's finalize_model_grads (which only its DDP runs)."""
 
     def __init__(self, ctx: ParallelContext, in_features: int, out_features: int, *,
                  bias: bool = True, init_std: float = INIT_STD):
         super().__init__()
+        self.sp_bias = bias and ctx.sequence_parallel
         self.linear = RowParallelLinear(
             in_features, out_features, config=ctx.mp_config, init_method=_normal_init(init_std),
-            bias=bias, input_is_parallel=True, skip_bias_add=False, tp_group=ctx.tp_group)
+            bias=bias, input_is_parallel=True, skip_bias_add=self.sp_bias,
+            tp_group=ctx.tp_group)
         declare_linear_init(self.linear, init_std)
         _mark_split(self.linear.weight, 1)
+        if self.sp_bias:
+            self.linear.bias.sequence_parallel = False  # summed in backward already
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sp_bias:
+            out, bias = self.linear(x)
+            return out + copy_to_tensor_model_parallel_region(bias, group=self.linear.tp_group)
         return _forward(self.linear, x)
+
+
+class SequenceParallelLayerNorm(nn.LayerNorm):
+    """An affine LayerNorm. Under sequence parallelism each TP rank normalises its own slice of
+    the tokens, so the gradients of the weight and bias are partial: they are summed over TP
+    on the way back (copy-to-TP-region), on every optimizer backend, as RowLinear's bias."""
+
+    def __init__(self, ctx: ParallelContext, normalized_shape: int, eps: float = 1e-5):
+        super().__init__(normalized_shape, eps=eps)
+        self.sp_group = ctx.tp_group if ctx.sequence_parallel else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sp_group is None:
+            return super().forward(x)
+        weight = copy_to_tensor_model_parallel_region(self.weight, group=self.sp_group)
+        bias = copy_to_tensor_model_parallel_region(self.bias, group=self.sp_group)
+        return nn.functional.layer_norm(x, self.normalized_shape, weight, bias, self.eps)

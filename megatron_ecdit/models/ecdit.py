@@ -32,7 +32,8 @@ from megatron_ecdit.models.attention import Attention
 from megatron_ecdit.models.embedders import (CaptionProjection, PatchEmbed, TimestepEmbedder,
                                              sincos_pos_embed_2d, unpatchify)
 from megatron_ecdit.layers.param_tags import declare_linear_init, declare_norm_init
-from megatron_ecdit.layers.tensor_parallel import ColumnLinear, ParallelContext
+from megatron_ecdit.layers.tensor_parallel import (ColumnLinear, ParallelContext,
+                                                  SequenceParallelLayerNorm)
 from megatron_ecdit.moe.layer import FFNOutput, MoELayer, RoutingStats, build_ffn
 
 
@@ -69,10 +70,8 @@ class ECDiTBlock(nn.Module):
         self.router_reads_hidden = moe.router_input == "timestep_and_hidden"
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.self_attn = Attention(ctx, d, model.num_heads, model.num_kv_heads)
-        self.norm_cross = nn.LayerNorm(d, eps=1e-6)
+        self.norm_cross = SequenceParallelLayerNorm(ctx, d, eps=1e-6)
         declare_norm_init(self.norm_cross)
-        for p in self.norm_cross.parameters():  # sees a sequence slice: grads summed over TP
-            p.sequence_parallel = ctx.sequence_parallel
         self.cross_attn = Attention(ctx, d, model.num_heads, model.num_kv_heads, cross=True,
                                     zero_out=True)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)

@@ -5,6 +5,7 @@
 
 Each JOB is one of
     ["train", ARG, ...]                         pretrain_ecdit.main([ARG, ...]), as the command line
+    ["fails", ARG, ...]                         the same, which must exit with 1
     ["export", CHECKPOINT, OUT]                 tools/convert_checkpoint.py export --weights model
     ["import", FOLDER, OUT, OVERRIDE, ...]      tools/convert_checkpoint.py import
     ["sample", CHECKPOINT, OUT, ARG, ...]       tools/sample_ecdit.py
@@ -21,13 +22,17 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pretrain_ecdit  # noqa: E402
+import torch  # noqa: E402
 from megatron_ecdit.tools import convert_checkpoint, sample_ecdit  # noqa: E402
 
 
 def main() -> int:
+    linear = torch.nn.functional.linear
     for kind, *args in json.loads(sys.argv[1]):
         if kind == "train":
             code = pretrain_ecdit.main(args)
+        elif kind == "fails":  # a training run that must stop with an error
+            code = 0 if pretrain_ecdit.main(args) == 1 else 3
         elif kind == "sample":
             code = sample_ecdit.main(args)
         elif kind == "export":
@@ -37,6 +42,9 @@ def main() -> int:
         if code:
             print(f"job {kind} {args} exited with {code}", file=sys.stderr)
             return code
+        if torch.nn.functional.linear is not linear:  # later jobs would compute differently
+            print(f"job {kind} {args} replaced torch.nn.functional.linear", file=sys.stderr)
+            return 1
     return 0
 
 

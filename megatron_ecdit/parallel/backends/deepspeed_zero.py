@@ -130,8 +130,12 @@ class DeepSpeedZeRO:
         config = {"train_micro_batch_size_per_gpu": micro_batch_size,
                   "gradient_accumulation_steps": num_microbatches,
                   "gradient_clipping": optim.grad_clip,
+                  # memory_efficient_linear (ZeRO-3) would replace torch.nn.functional.linear
+                  # for the whole process, for good: every later linear, the text encoder's
+                  # and a later job's, would round differently (matmul, then the bias)
                   "zero_optimization": {"stage": layout.zero_stage,
-                                        "overlap_comm": layout.overlap_grad_reduce},
+                                        "overlap_comm": layout.overlap_grad_reduce,
+                                        "memory_efficient_linear": False},
                   "steps_per_print": 2**31 - 1}
         if next(model.parameters()).dtype == torch.bfloat16:
             # train.precision=bf16: DeepSpeed keeps fp32 master partitions and Adam state;
