@@ -7,7 +7,9 @@ With no --config the embedded default (a tiny EC-DiT on synthetic shapes) is tra
 Exit codes: 0 the run reached train.steps (or had already: OUTPUT_DIR/finished exists);
 75 (sysexits' EX_TEMPFAIL) it stopped early on SIGTERM/SIGUSR1 or its time limit after saving a
 checkpoint: resume it (examples/slurm/pretrain_ecdit.sbatch requeues itself); 2 a config or
-layout error, found before anything is built; 1 a bad checkpoint or bad data.
+layout error, found before anything is built; 1 a bad checkpoint, bad data, or more
+non-finite steps in a row than train.max_skipped_steps (not resumable: the same data would
+come again).
 """
 
 import argparse
@@ -31,6 +33,7 @@ def main(argv=None) -> int:
         return 2
     from megatron_ecdit.checkpoint.distributed import CheckpointError
     from megatron_ecdit.data.bad_input import DataError
+    from megatron_ecdit.training.nonfinite import SkippedStepsError
     from megatron_ecdit.training.trainer import train
     try:
         summary = train(cfg)
@@ -44,6 +47,11 @@ def main(argv=None) -> int:
         return 1
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except SkippedStepsError as err:  # alike on every rank
+        import torch.distributed as dist
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {err}", file=sys.stderr)
         return 1
     return EXIT_RESUME if summary["stopped"] else 0
 

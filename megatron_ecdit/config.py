@@ -298,6 +298,13 @@ class TrainConfig:
     # Save and stop cleanly after this much wall-clock time (0 = no limit). SIGTERM and SIGUSR1
     # (SLURM's pre-timeout signal) do the same at the next step boundary.
     exit_duration_minutes: float = 0.0
+    # A step whose gradient norm is not finite (a non-finite loss makes it so) is skipped: no
+    # update, counted and logged (training/nonfinite.py). More than this many in a row stop the
+    # run with an error; 0 stops it at the first.
+    max_skipped_steps: int = 5
+    # For tests of the above: the loss of micro-batch MICRO (from 0) of step STEP is made NaN on
+    # data-parallel rank 0, for each "STEP:MICRO".
+    inject_nonfinite: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -326,6 +333,16 @@ class Config:
         if not 0.0 <= self.diffusion.caption_dropout <= 1.0:
             raise ConfigError("diffusion.caption_dropout must be in [0, 1]")
         _positive(self.train, "train", "steps", "micro_batch_size", "log_interval")
+        if self.train.max_skipped_steps < 0:
+            raise ConfigError(f"train.max_skipped_steps must be >= 0, "
+                              f"got {self.train.max_skipped_steps}")
+        for entry in self.train.inject_nonfinite:
+            parts = str(entry).split(":")
+            if (len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) < 1
+                    or int(parts[1]) >= self.train.num_microbatches):
+                raise ConfigError(f"train.inject_nonfinite entries are 'STEP:MICRO' with "
+                                  f"STEP >= 1 and MICRO < train.num_microbatches="
+                                  f"{self.train.num_microbatches}, got {entry!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

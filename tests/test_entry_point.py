@@ -115,6 +115,22 @@ CROSS_BACKEND = {  # name: (processes, overrides, run whose last checkpoint is r
     "megatron-TP2xEP2->DeepSpeed-ZeRO3": (2, DS3, "TP2xEP2"),
 }
 
+# Non-finite steps: the loss of micro-batch 1 of step 3 is made NaN on data-parallel rank 0;
+# every step is saved, so the weights before and after it can be compared.
+NONFINITE = {  # name: (processes, overrides)
+    "one": (1, []),
+    "DP2": (2, []),
+    "TP2": (2, ["parallel.tp=2"]),
+    "PP2": (2, ["parallel.pp=2"]),
+    "DeepSpeed-ZeRO2-DP2": (2, DS2),
+}
+NAN_STEP, NAN_STEPS = 3, 4
+NAN = ["train.num_microbatches=2", f"train.inject_nonfinite=['{NAN_STEP}:1']",
+       "checkpoint.save_interval=1"]
+# More than train.max_skipped_steps=1 in a row (steps 3 and 4) stop the run at step 4.
+NAN_STOP = ["train.num_microbatches=2", "train.max_skipped_steps=1", "checkpoint.save_interval=2",
+            "train.inject_nonfinite=['3:0', '4:1']"]
+
 
 def common(out: Path, data: Path) -> list[str]:
     return ["model.hidden_size=32", "model.num_layers=4", "model.num_heads=2",
@@ -145,7 +161,8 @@ def launch(nproc: int, jobs: list[list[str]], log: Path) -> None:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("entry")
     data = root / "data"
-    out = {kind: {} for kind in ("layout", "finetune", "tiny", "cross", "resumed")}
+    out = {kind: {} for kind in ("layout", "finetune", "tiny", "cross", "resumed", "nan",
+                                 "nan-resumed")}
     jobs: dict[int, list] = {1: [], 2: [], 4: [], 8: []}
     for name, (n, overrides, _) in LAYOUTS.items():
         out["layout"][name] = root / "layout" / name
@@ -177,6 +194,16 @@ def runs(tmp_path_factory):
         half = out["layout"][name] / "checkpoints" / f"step_{STEPS // 2:07d}"
         jobs[n].append(["train", *common(out["resumed"][name], data), f"train.steps={STEPS}",
                         f"train.resume={half}", *overrides])
+    for name, (n, overrides) in NONFINITE.items():
+        out["nan"][name] = root / "nan" / name
+        jobs[n].append(["train", *common(out["nan"][name], data), f"train.steps={NAN_STEPS}",
+                        *NAN, *overrides])
+        out["nan-resumed"][name] = root / "nan-resumed" / name  # from the skipped step's save
+        skipped = out["nan"][name] / "checkpoints" / f"step_{NAN_STEP:07d}"
+        jobs[n].append(["train", *common(out["nan-resumed"][name], data),
+                        f"train.steps={NAN_STEPS}", f"train.resume={skipped}", *NAN, *overrides])
+    out["nan-stop"] = root / "nan-stop"
+    jobs[2].append(["fails", *common(out["nan-stop"], data), "train.steps=6", *NAN_STOP])
     # ecdit-sample from a TP2xEP2 checkpoint: under torchrun at its layout, in one process,
     # and from its export (the raw weights, which the export holds)
     source = str(out["layout"]["TP2xEP2"] / "checkpoints" / f"step_{STEPS:07d}")
@@ -306,6 +333,46 @@ def test_a_resumed_run_equals_the_uninterrupted_one_bit_for_bit(runs, tmp_path, 
         after = weights(runs["resumed"][name] / "checkpoints" / last, tmp_path / "resumed", which)
         ref_weights = weights(runs["layout"][name] / "checkpoints" / last, tmp_path, which)
         assert max_diff(after, ref_weights) == 0.0, which
+
+
+@pytest.mark.parametrize("name", list(NONFINITE))
+def test_a_nonfinite_step_is_skipped_on_every_rank_and_the_run_goes_on(runs, tmp_path, name):
+    """The step leaves weights and EMA as they were, is counted and logged with its
+    micro-batch, the run finishes, and a resume from the skipped step's save (its optimizer
+    took one update fewer than the step count) equals the run bit for bit."""
+    folder = runs["nan"][name]
+    records = {r["step"]: r for r in map(json.loads, (folder / "metrics.jsonl").open())}
+    assert sorted(records) == list(range(1, NAN_STEPS + 1))
+    assert [s for s, r in records.items() if r.get("skipped")] == [NAN_STEP]
+    assert records[NAN_STEP]["loss"] is None and records[NAN_STEP]["grad_norm"] is None
+    assert all(np.isfinite(r["loss"]) for s, r in records.items() if s != NAN_STEP)
+    log = (folder.parent.parent / f"launch-{NONFINITE[name][0]}.log").read_text()
+    assert (f"step {NAN_STEP} skipped: non-finite loss in micro-batch 1; 1 in a row, "
+            f"1 in all") in log
+    checkpoint = folder / "checkpoints"
+    for which in ("model", "ema"):
+        before = weights(checkpoint / f"step_{NAN_STEP - 1:07d}", tmp_path / "before", which)
+        after = weights(checkpoint / f"step_{NAN_STEP:07d}", tmp_path / "after", which)
+        assert max_diff(after, before) == 0.0, which
+        last = f"step_{NAN_STEPS:07d}"
+        moved = weights(checkpoint / last, tmp_path / "last", which)
+        assert max_diff(moved, after) > 0, which
+        resumed = weights(runs["nan-resumed"][name] / "checkpoints" / last, tmp_path / "res",
+                          which)
+        assert max_diff(resumed, moved) == 0.0, which
+    assert (folder / "finished").is_file()
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_the_run_with_one_line(runs):
+    folder = runs["nan-stop"]
+    log = (folder.parent / "launch-2.log").read_text()
+    error = ("error: 2 non-finite steps in a row, the last at step 4 (non-finite loss in "
+             "micro-batch 1), more than train.max_skipped_steps=1; the latest checkpoint is "
+             f"{folder / 'checkpoints' / 'step_0000002'}")
+    assert log.count(error) == 1, log[-3000:]
+    assert sorted(p.name for p in (folder / "checkpoints").glob("step_*")) == ["step_0000002"]
+    assert (folder / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    assert not (folder / "finished").exists()
 
 
 def test_sampling_a_tp2xep2_checkpoint_under_torchrun_in_one_process_and_from_its_export(runs):

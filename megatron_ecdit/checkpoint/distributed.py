@@ -377,7 +377,9 @@ class Checkpointer:
         if steps:
             raise CheckpointError(f"ranks loaded different steps from {path}: {steps}")
         if with_optimizer:  # its state holds the backend's own (fp32) copies of the weights
-            parts.backend.load_state_dict(loaded["optimizer"], common["step"])
+            # the updates it applied: a skipped step (training/nonfinite.py) applies none
+            parts.backend.load_state_dict(loaded["optimizer"],
+                                          common["step"] - common.get("skipped_steps", 0))
         else:
             # The backend's own copies of the weights (fp32 master partitions, main parameters)
             # follow the loaded parameters; otherwise its next step would write the old ones.

@@ -59,8 +59,10 @@ class PipelineRunner:
 
     def train_step(self, micro: list[tuple[Inputs, torch.Tensor]],
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """Forward and backward over the micro-batches; the mean loss, on every stage."""
+        """Forward and backward over the micro-batches; the mean loss, on every stage (each
+        micro-batch's in `micro_losses` on the last stage, None on the others)."""
         out = self._run(micro, loss_fn, forward_only=False)
+        self.micro_losses = torch.tensor([d["loss"].item() for d in out]) if out else None
         loss = torch.tensor(sum(d["loss"].item() for d in out) / len(micro) if out else 0.0)
         dist.broadcast(loss, self.last_rank, group=self.group)
         return loss

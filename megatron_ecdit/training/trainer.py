@@ -1,8 +1,9 @@
 """The training job: data -> frozen encoders -> rectified-flow loss -> EC-DiT -> optimizer.
 
 `train(cfg)` runs the whole job and writes to `cfg.train.output_dir`:
-  metrics.jsonl    one JSON object per step (step, loss, lr, grad_norm, samples_per_s, and
-                   per-MoE-block routing statistics on log steps)
+  metrics.jsonl    one JSON object per step (step, loss, lr, grad_norm, samples_per_s;
+                   `skipped` on a non-finite step, training/nonfinite.py; and per-MoE-block
+                   routing statistics on log steps)
   tb/              TensorBoard events of the same
   checkpoints/     sharded checkpoints, resumable at any layout (see checkpoint/distributed.py)
   samples.png      generated images for cfg.train.sample_prompts (EMA weights)
@@ -54,6 +55,8 @@ from megatron_ecdit.parallel.setup import (data_parallel_rank_and_size, initiali
                                            local_device, world_size)
 from megatron_ecdit.parallel.pipeline import PipelineRunner
 from megatron_ecdit.parallel.sharding import check_replicas, initialize
+from megatron_ecdit.training.nonfinite import (SkippedSteps, SkippedStepsError, guard,
+                                               injected)
 from megatron_ecdit.training.optim import EMA, learning_rate
 from megatron_ecdit.training.preemption import StopRequest
 from megatron_ecdit.training.visualize import save_compute_map, save_sample_grid
@@ -115,6 +118,7 @@ class Job:
         self.ema: Optional[EMA] = (EMA(self.model, cfg.optim.ema_decay, self.backend.local)
                                    if train else None)
         self.uncond = self.text_encoder.encode([""])  # for caption dropout and guidance
+        self.skips = SkippedSteps(cfg.train.max_skipped_steps)  # non-finite steps
 
     def _pipeline_chunks(self, ctx) -> list[ECDiT]:
         """This rank's model chunks (stages of blocks); the conditioning embedders replicated
@@ -160,7 +164,8 @@ class Job:
     def save(self, step: int, weights_only: bool = False) -> Path:
         # Only one copy of a replicated shard is written: every copy must still be the same.
         parts = self.checkpoint_parts()
-        common = {"config": self.cfg.to_dict(), "layout": self.layout.describe()}
+        common = {"config": self.cfg.to_dict(), "layout": self.layout.describe(),
+                  "skipped_steps": self.skips.total}
         with self.backend.gathered():
             check_replicas(self.chunks, self.ctx)
             return self.checkpointer.save(step, parts, common, weights_only=weights_only)
@@ -200,6 +205,7 @@ class Job:
                 print(f"note: {note}")
         if common["weights_only"]:
             return 0
+        self.skips.total = common.get("skipped_steps", 0)
         if rank is not None:
             self.generator.set_state(rank["generator"])
             self.data_state = rank["data"]
@@ -272,22 +278,30 @@ class Job:
                 target = torch.gather(rows, 1, keep[..., None].expand(-1, -1, rows.shape[-1]))
         return (x_t, t, text, mask, keep), target
 
-    def forward_backward(self, batches: list[dict[str, Any]]
-                         ) -> tuple[torch.Tensor, dict[int, Any]]:
+    def forward_backward(self, batches: list[dict[str, Any]], step: int
+                         ) -> tuple[torch.Tensor, Optional[torch.Tensor], dict[int, Any]]:
         """Loss and gradients of one step's micro-batches (their mean); returns the detached
-        loss and the routing statistics of the last micro-batch."""
+        loss, each micro-batch's (None on pipeline stages before the last) and the routing
+        statistics of the last micro-batch. A non-finite loss makes the gradients non-finite
+        (nonfinite.guard), and so the step skipped."""
         micro = [self.prepare(batch) for batch in batches]
+        if data_parallel_rank_and_size()[0] == 0:
+            for index in injected(self.cfg.train.inject_nonfinite, step):
+                inputs, target = micro[index]
+                micro[index] = inputs, target * math.nan
         if self.pipeline is not None:
             loss = self.pipeline.train_step(
-                micro, lambda pred, tgt: flow_matching_loss(pred, tgt))
-            return loss, self.pipeline.routing
+                micro, lambda pred, tgt: guard(flow_matching_loss(pred, tgt)))
+            return loss, self.pipeline.micro_losses, self.pipeline.routing
         total = torch.zeros((), device=self.device)
+        losses = []
         for inputs, target in micro:
             out = self.backend.module(*inputs)
-            loss = flow_matching_loss(out.prediction, target)
+            loss = guard(flow_matching_loss(out.prediction, target))
             self.backend.backward(loss / len(micro))
             total += loss.detach() / len(micro)
-        return total, out.routing
+            losses.append(loss.detach())
+        return total, torch.stack(losses), out.routing
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: Sequence[int],
@@ -456,28 +470,46 @@ def train(cfg: Config) -> dict[str, float]:
         step_start = time.perf_counter()
         step_batches = [next(batches) for _ in range(tc.num_microbatches)]
         job.backend.zero_grad()
-        loss, routing = job.forward_backward(step_batches)
+        loss, micro_losses, routing = job.forward_backward(step_batches, step)
         lr = learning_rate(cfg.optim, tc.steps, step - 1)
-        grad_norm = job.backend.step(lr)
-        job.ema.update(job.model)
+        grad_norm = job.backend.step(lr)  # not finite: the backend skipped the update
+        skipped = not math.isfinite(grad_norm)
+        if skipped:
+            try:
+                line = job.skips.skipped(step, micro_losses, tc.num_microbatches, job.device)
+            except SkippedStepsError as err:
+                job.checkpointer.close()  # what was saved before is written and published
+                latest = checkpoints.latest_checkpoint(job.out / "checkpoints")
+                raise SkippedStepsError(f"{err}; the latest checkpoint is "
+                                        f"{latest or 'none'}") from None
+            if job.is_writer:
+                bar.write(line)
+        else:
+            job.skips.applied()
+            job.ema.update(job.model)
         value = loss.clone()
         dist.all_reduce(value)  # every rank of a DP replica holds the same loss: average all
         # The loop's reads from the device, once the step is queued: this loss and the backend's
-        # gradient norm every step, routing statistics on log steps. Nothing earlier reads
+        # gradient norm every step, routing statistics on log steps, the
+        # micro-batches' losses on a skipped step. Nothing earlier reads
         # (tests/test_speed_levers.py).
         value = value.item() / dist.get_world_size()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"loss is {value} at step {step}")
-        losses.append(value)
+        if not skipped:
+            losses.append(value)
+        log_step = step % tc.log_interval == 0 or step == tc.steps
         if job.is_writer:
-            record = {"step": step, "loss": value, "lr": lr, "grad_norm": grad_norm,
+            record = {"step": step, "loss": None if skipped else value, "lr": lr,
+                      "grad_norm": None if skipped else grad_norm,
                       "samples_per_s": job.layout.dp * tc.num_microbatches
                       * tc.micro_batch_size / (time.perf_counter() - step_start)}
-            if step % tc.log_interval == 0 or step == tc.steps:
+            if skipped:
+                record["skipped"] = True
+            if log_step:
                 record.update(routing_metrics(routing))
                 if writer is not None:
                     for key, val in record.items():
-                        if key != "step":
+                        if (key != "step" and isinstance(val, (int, float))
+                                and not isinstance(val, bool)):
                             writer.add_scalar(key, val, step)
                 bar.write(f"step {step:>6}  loss {value:.4f}  lr {lr:.2e}  grad {grad_norm:.3f}"
                           f"  {record['samples_per_s']:.0f} samples/s")

@@ -39,7 +39,9 @@ class OptimizerBackend(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     def step(self, lr: float) -> float:
-        """Reduce, clip and update at learning rate `lr`; returns the global gradient norm."""
+        """Reduce, clip and update at learning rate `lr`; returns the global gradient norm.
+        A norm that is not finite (alike on every rank) means the update was skipped: weights
+        and optimizer state are as they were (training/nonfinite.py)."""
 
     def reload_model_params(self) -> None:
         """The parameters were overwritten (a load): refresh every copy of them the backend

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import ContextManager, Optional
 
 import torch
@@ -208,10 +209,12 @@ class DeepSpeedZeRO:
                                f"{self.num_microbatches} micro-batches")
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        self.engine.step()
+        self.engine.step()  # skips the update itself when its gradient norm is not finite
         self._backwards = 0
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if not self.engine.was_step_applied():  # (its norm may then read -1 or inf)
+            return math.nan
+        return float(norm) if norm is not None else math.nan
 
     _STATE = ("fp32_param", "exp_avg", "exp_avg_sq")
     checkpoint_format = "deepspeed-zero"  # every stage alike: full tensors per parameter

@@ -12,6 +12,7 @@ the same step.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -20,6 +21,7 @@ from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
 from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                        finalize_model_grads)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 
@@ -142,8 +144,24 @@ class MegatronZeRO(WholeParameters):
         finalize_model_grads(self.modules)  # waits for the overlapped reductions
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        _, grad_norm, _ = self.optimizer.step()
-        return float(grad_norm)
+        # megatron-core's step, with its norm checked before the update: the steps of its
+        # ChainedOptimizer.step, which a single optimizer's step takes too
+        optimizer = self.optimizer
+        if optimizer.prepare_grads():  # inf/nan found by a loss scaler (fp16 only)
+            return math.nan
+        grad_norm = float(optimizer.get_grad_norm())  # reduced over every rank
+        if not math.isfinite(grad_norm):
+            return grad_norm  # skipped (training/nonfinite.py): nothing is updated
+        for chained in self._optimizers():
+            if getattr(chained, "is_stub_optimizer", False):
+                continue
+            params = chained.get_parameters()
+            if params and chained.config.clip_grad > 0.0:
+                clip_grad_by_total_norm_fp32(
+                    params, chained.config.clip_grad, grad_norm,
+                    chained.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        optimizer.step_with_ready_grads()
+        return grad_norm
 
     def sharded_state_dict(self, model_state: dict, is_loading: bool,
                            sharding: Optional[str] = None) -> dict:

@@ -11,6 +11,7 @@ set from them after each step (round to nearest).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -94,22 +95,26 @@ class TorchOptimizer(WholeParameters):
             main.copy_(param)
 
     def step(self, lr: float) -> float:
-        return float(self.update(lr))  # for the log: the step's one read from the device
+        norm = float(self.clip(lr))  # the step's one read: for the log, and the check
+        if math.isfinite(norm):  # else skipped (training/nonfinite.py): nothing changes
+            self.update()
+        return norm
 
-    def update(self, lr: float) -> torch.Tensor:
-        """The step less its read: clip, update the main weights, set the parameters from them;
-        returns the gradient norm on the device."""
+    def clip(self, lr: float) -> torch.Tensor:
+        """Set the learning rate and clip; returns the gradient norm on the device."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for _, main in self.copies:  # no gradient this step: none for the optimizer
             if main not in self._written:
                 main.grad = None
-        norm = torch.nn.utils.clip_grad_norm_(list(self.main.values()), self.grad_clip)
+        return torch.nn.utils.clip_grad_norm_(list(self.main.values()), self.grad_clip)
+
+    def update(self) -> None:
+        """Update the main weights and set the parameters from them."""
         self.optimizer.step()
         if self.copies:
             with torch.no_grad():
                 torch._foreach_copy_([p for p, _ in self.copies], [m for _, m in self.copies])
-        return norm
 
     def sharded_state_dict(self, model_state: dict, is_loading: bool,
                            sharding: Optional[str] = None) -> dict:
