@@ -385,10 +385,12 @@ def write_pictures(job: Job, suffix: str = "") -> None:
     drawn with seed i, as `ecdit-sample` draws them at its default seed 0."""
     cfg = job.cfg.train
     images, maps = job.generate(cfg.sample_prompts, range(len(cfg.sample_prompts)),
-                                cfg.compute_map_timesteps)
+                                cfg.compute_map_timesteps if cfg.compute_map_prompts else None)
     if not job.is_writer:
         return
     save_sample_grid(images, cfg.sample_prompts, job.out / f"samples{suffix}.png")
+    if cfg.compute_map_prompts == 0:
+        return
     if not (maps and next(iter(maps.values()))):
         print("compute map skipped: no MoE block among the blocks this rank holds")
     else:
