@@ -2,8 +2,9 @@
 
 `train(cfg)` runs the whole job and writes to `cfg.train.output_dir`:
   metrics.jsonl    one JSON object per step (step, loss, lr, grad_norm, samples_per_s;
-                   `skipped` on a non-finite step, training/nonfinite.py; and per-MoE-block
-                   routing statistics on log steps)
+                   `skipped` on a non-finite step, training/nonfinite.py; and on log steps
+                   per-MoE-block routing statistics and, under torchrun, the slowest and
+                   fastest ranks' own time, training/stragglers.py)
   tb/              TensorBoard events of the same
   checkpoints/     sharded checkpoints, resumable at any layout (see checkpoint/distributed.py)
   samples.png      generated images for cfg.train.sample_prompts (EMA weights)
@@ -59,6 +60,7 @@ from megatron_ecdit.training.nonfinite import (SkippedSteps, SkippedStepsError, 
                                                injected)
 from megatron_ecdit.training.optim import EMA, learning_rate
 from megatron_ecdit.training.preemption import StopRequest
+from megatron_ecdit.training.stragglers import StepTimes, describe
 from megatron_ecdit.training.visualize import save_compute_map, save_sample_grid
 
 
@@ -466,13 +468,16 @@ def train(cfg: Config) -> dict[str, float]:
         if job.is_writer:
             print(f"saved the initial weights: {path}")
     stop = StopRequest(tc.exit_duration_minutes)
+    times = StepTimes(job.device)  # which rank is slow, on log steps
     stopped = None
     save_every = cfg.checkpoint.save_interval
     for step in range(start_step + 1, tc.steps + 1):
         step_start = time.perf_counter()
         step_batches = [next(batches) for _ in range(tc.num_microbatches)]
         job.backend.zero_grad()
+        times.start()
         loss, micro_losses, routing = job.forward_backward(step_batches, step)
+        times.stop()  # this rank's own work: the optimizer step's reductions wait for all
         lr = learning_rate(cfg.optim, tc.steps, step - 1)
         grad_norm = job.backend.step(lr)  # not finite: the backend skipped the update
         skipped = not math.isfinite(grad_norm)
@@ -492,13 +497,14 @@ def train(cfg: Config) -> dict[str, float]:
         value = loss.clone()
         dist.all_reduce(value)  # every rank of a DP replica holds the same loss: average all
         # The loop's reads from the device, once the step is queued: this loss and the backend's
-        # gradient norm every step, routing statistics on log steps, the
+        # gradient norm every step, routing statistics and the ranks' times on log steps, the
         # micro-batches' losses on a skipped step. Nothing earlier reads
         # (tests/test_speed_levers.py).
         value = value.item() / dist.get_world_size()
         if not skipped:
             losses.append(value)
         log_step = step % tc.log_interval == 0 or step == tc.steps
+        stragglers = times.report() if log_step and dist.get_world_size() > 1 else {}
         if job.is_writer:
             record = {"step": step, "loss": None if skipped else value, "lr": lr,
                       "grad_norm": None if skipped else grad_norm,
@@ -508,13 +514,15 @@ def train(cfg: Config) -> dict[str, float]:
                 record["skipped"] = True
             if log_step:
                 record.update(routing_metrics(routing))
+                record.update({f"straggler/{key}": val for key, val in stragglers.items()})
                 if writer is not None:
                     for key, val in record.items():
                         if (key != "step" and isinstance(val, (int, float))
                                 and not isinstance(val, bool)):
                             writer.add_scalar(key, val, step)
                 bar.write(f"step {step:>6}  loss {value:.4f}  lr {lr:.2e}  grad {grad_norm:.3f}"
-                          f"  {record['samples_per_s']:.0f} samples/s")
+                          f"  {record['samples_per_s']:.0f} samples/s"
+                          + (f"; {describe(stragglers)}" if stragglers else ""))
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             bar.set_postfix(loss=f"{value:.3f}")
