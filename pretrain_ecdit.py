@@ -6,8 +6,9 @@ With no --config the embedded default (a tiny EC-DiT on synthetic shapes) is tra
 
 Exit codes: 0 the run reached train.steps (or had already: OUTPUT_DIR/finished exists);
 75 (sysexits' EX_TEMPFAIL) it stopped early on SIGTERM/SIGUSR1 or its time limit after saving a
-checkpoint: resume it (examples/slurm/pretrain_ecdit.sbatch requeues itself); 2 a config or
-layout error, found before anything is built; 1 a bad checkpoint, bad data, or more
+checkpoint, or a peer was lost (a failed collective) or a rank hung past train.hang_timeout_s
+(training/watchdog.py): resume it (examples/slurm/pretrain_ecdit.sbatch requeues itself); 2 a
+config or layout error, found before anything is built; 1 a bad checkpoint, bad data, or more
 non-finite steps in a row than train.max_skipped_steps (not resumable: the same data would
 come again).
 """
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
     from megatron_ecdit.data.bad_input import DataError
     from megatron_ecdit.training.nonfinite import SkippedStepsError
     from megatron_ecdit.training.trainer import train
+    from megatron_ecdit.training.watchdog import RESUME_HINT, lost_peer
     try:
         summary = train(cfg)
     except ConfigError as err:  # e.g. a layout the world size or the model cannot take
@@ -48,6 +50,15 @@ def main(argv=None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:
+        if not lost_peer(err):
+            raise
+        import torch.distributed as dist
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"rank {rank}: a collective failed, a peer is lost or stuck ({first}); exiting "
+              f"with {EXIT_RESUME}, {RESUME_HINT}", file=sys.stderr, flush=True)
+        return EXIT_RESUME
     except SkippedStepsError as err:  # alike on every rank
         import torch.distributed as dist
         if not dist.is_initialized() or dist.get_rank() == 0:

@@ -161,6 +161,9 @@ class ParallelConfig:
     # Reduce gradients bucket by bucket while backward still runs (megatron-core DDP's
     # overlap_grad_reduce; DeepSpeed's overlap_comm). Data parallelism without pipelining.
     overlap_grad_reduce: bool = False
+    # How long a collective may wait for a peer before it fails (every process group, gloo and
+    # NCCL). A rank whose peer is lost then exits with the "resume me" code (75).
+    collective_timeout_s: float = 600.0
     # Recompute in backward instead of keeping activations: "full" keeps only each block's input
     # and reruns the block; "moe_only" reruns each MoE layer (its (E, N, D) buffers dominate).
     activation_checkpointing: Recompute = "none"
@@ -302,6 +305,10 @@ class TrainConfig:
     # update, counted and logged (training/nonfinite.py). More than this many in a row stop the
     # run with an error; 0 stops it at the first.
     max_skipped_steps: int = 5
+    # A rank that sees no step finish for this long (from its first step on) dumps every
+    # thread's stack to its log and exits with the "resume me" code (training/watchdog.py);
+    # 0 = no watchdog. Keep it above the longest save or sampling pass.
+    hang_timeout_s: float = 1800.0
     # For tests of the above: the loss of micro-batch MICRO (from 0) of step STEP is made NaN on
     # data-parallel rank 0, for each "STEP:MICRO".
     inject_nonfinite: list[str] = field(default_factory=list)
@@ -333,6 +340,12 @@ class Config:
         if not 0.0 <= self.diffusion.caption_dropout <= 1.0:
             raise ConfigError("diffusion.caption_dropout must be in [0, 1]")
         _positive(self.train, "train", "steps", "micro_batch_size", "log_interval")
+        if self.train.hang_timeout_s < 0:
+            raise ConfigError(f"train.hang_timeout_s must be >= 0 (0 = off), "
+                              f"got {self.train.hang_timeout_s}")
+        if self.parallel.collective_timeout_s <= 0:
+            raise ConfigError(f"parallel.collective_timeout_s must be > 0, "
+                              f"got {self.parallel.collective_timeout_s}")
         if self.train.max_skipped_steps < 0:
             raise ConfigError(f"train.max_skipped_steps must be >= 0, "
                               f"got {self.train.max_skipped_steps}")

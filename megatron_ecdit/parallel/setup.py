@@ -9,6 +9,7 @@ compatibility layer is applied first.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -24,6 +25,7 @@ from megatron_ecdit.parallel.layout import ParallelLayout
 
 
 _groups_for: tuple[int, ...] | None = None  # the degrees parallel_state was initialised with
+_timeout: datetime.timedelta | None = None  # of every process group, set when the world starts
 
 
 def _free_port() -> int:
@@ -32,25 +34,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float | None = None) -> None:
     """Join the world of torchrun or srun, or start a one-process world when not under a
-    launcher. Raises LaunchError (a ConfigError) when the launcher's variables disagree with
+    launcher; collectives fail after `timeout_s` without their peers (torch's default where
+    None). Raises LaunchError (a ConfigError) when the launcher's variables disagree with
     each other or with the GPUs this node shows."""
     cpu_compat.apply()
     if dist.is_initialized():
         return
+    global _timeout
+    _timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     # On GPUs, CUDA tensors go over NCCL and the few small CPU tensors (stop flags, counts,
     # checkpoint metadata) over gloo, from one process group.
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     launch = discover(os.environ)
     if launch.launcher == "single":  # a private store on a free port (an inherited one may be taken)
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
-        dist.init_process_group(backend, rank=0, world_size=1)
+        dist.init_process_group(backend, rank=0, world_size=1, timeout=_timeout)
         return
     launch.export(os.environ)  # torch.distributed's env:// reads torchrun's names
     if torch.cuda.is_available():
         torch.cuda.set_device(launch.device_index(torch.cuda.device_count()))
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=_timeout)
 
 
 def local_device() -> torch.device:
@@ -60,8 +65,8 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def world_size() -> int:
-    init_distributed()
+def world_size(timeout_s: float | None = None) -> int:
+    init_distributed(timeout_s)
     return dist.get_world_size()
 
 
@@ -79,7 +84,9 @@ def initialize_parallel(layout: ParallelLayout) -> ParallelContext:
             pipeline_model_parallel_size=layout.pp,
             virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
             expert_model_parallel_size=layout.ep,
-            expert_tensor_parallel_size=layout.etp)
+            expert_tensor_parallel_size=layout.etp,
+            **({} if _timeout is None else
+               {"distributed_timeout_minutes": _timeout.total_seconds() / 60}))
         _groups_for = degrees
     return parallel_context(layout)
 

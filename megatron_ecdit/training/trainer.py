@@ -61,6 +61,7 @@ from megatron_ecdit.training.nonfinite import (SkippedSteps, SkippedStepsError, 
 from megatron_ecdit.training.optim import EMA, learning_rate
 from megatron_ecdit.training.preemption import StopRequest
 from megatron_ecdit.training.stragglers import StepTimes, describe
+from megatron_ecdit.training.watchdog import Watchdog
 from megatron_ecdit.training.visualize import save_compute_map, save_sample_grid
 
 
@@ -74,7 +75,8 @@ class Job:
     def __init__(self, cfg: Config, train: bool = True):
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
-        self.layout = ParallelLayout.build(cfg, world_size())  # refuses what cannot run
+        # refuses what cannot run
+        self.layout = ParallelLayout.build(cfg, world_size(cfg.parallel.collective_timeout_s))
         self.ctx = ctx = initialize_parallel(self.layout)
         self.is_writer = dist.get_rank() == 0
         self.device = local_device()
@@ -471,72 +473,79 @@ def train(cfg: Config) -> dict[str, float]:
     times = StepTimes(job.device)  # which rank is slow, on log steps
     stopped = None
     save_every = cfg.checkpoint.save_interval
-    for step in range(start_step + 1, tc.steps + 1):
-        step_start = time.perf_counter()
-        step_batches = [next(batches) for _ in range(tc.num_microbatches)]
-        job.backend.zero_grad()
-        times.start()
-        loss, micro_losses, routing = job.forward_backward(step_batches, step)
-        times.stop()  # this rank's own work: the optimizer step's reductions wait for all
-        lr = learning_rate(cfg.optim, tc.steps, step - 1)
-        grad_norm = job.backend.step(lr)  # not finite: the backend skipped the update
-        skipped = not math.isfinite(grad_norm)
-        if skipped:
-            try:
-                line = job.skips.skipped(step, micro_losses, tc.num_microbatches, job.device)
-            except SkippedStepsError as err:
-                job.checkpointer.close()  # what was saved before is written and published
-                latest = checkpoints.latest_checkpoint(job.out / "checkpoints")
-                raise SkippedStepsError(f"{err}; the latest checkpoint is "
-                                        f"{latest or 'none'}") from None
-            if job.is_writer:
-                bar.write(line)
-        else:
-            job.skips.applied()
-            job.ema.update(job.model)
-        value = loss.clone()
-        dist.all_reduce(value)  # every rank of a DP replica holds the same loss: average all
-        # The loop's reads from the device, once the step is queued: this loss and the backend's
-        # gradient norm every step, routing statistics and the ranks' times on log steps, the
-        # micro-batches' losses on a skipped step. Nothing earlier reads
-        # (tests/test_speed_levers.py).
-        value = value.item() / dist.get_world_size()
-        if not skipped:
-            losses.append(value)
-        log_step = step % tc.log_interval == 0 or step == tc.steps
-        stragglers = times.report() if log_step and dist.get_world_size() > 1 else {}
-        if job.is_writer:
-            record = {"step": step, "loss": None if skipped else value, "lr": lr,
-                      "grad_norm": None if skipped else grad_norm,
-                      "samples_per_s": job.layout.dp * tc.num_microbatches
-                      * tc.micro_batch_size / (time.perf_counter() - step_start)}
+    watchdog = Watchdog(tc.hang_timeout_s, dist.get_rank())  # a hung rank exits 75
+    try:
+        for step in range(start_step + 1, tc.steps + 1):
+            watchdog.beat()  # a step started: progress
+            step_start = time.perf_counter()
+            step_batches = [next(batches) for _ in range(tc.num_microbatches)]
+            job.backend.zero_grad()
+            times.start()
+            loss, micro_losses, routing = job.forward_backward(step_batches, step)
+            times.stop()  # this rank's own work: the optimizer step's reductions wait for all
+            lr = learning_rate(cfg.optim, tc.steps, step - 1)
+            grad_norm = job.backend.step(lr)  # not finite: the backend skipped the update
+            skipped = not math.isfinite(grad_norm)
             if skipped:
-                record["skipped"] = True
-            if log_step:
-                record.update(routing_metrics(routing))
-                record.update({f"straggler/{key}": val for key, val in stragglers.items()})
-                if writer is not None:
-                    for key, val in record.items():
-                        if (key != "step" and isinstance(val, (int, float))
-                                and not isinstance(val, bool)):
-                            writer.add_scalar(key, val, step)
-                bar.write(f"step {step:>6}  loss {value:.4f}  lr {lr:.2e}  grad {grad_norm:.3f}"
-                          f"  {record['samples_per_s']:.0f} samples/s"
-                          + (f"; {describe(stragglers)}" if stragglers else ""))
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            bar.set_postfix(loss=f"{value:.3f}")
-            bar.update(1)
-        job.checkpointer.finalize()  # publish asynchronous saves that have finished (collective)
-        stopped = stop.should_stop()
-        if stopped or step == tc.steps or (save_every and step % save_every == 0):
-            path = job.save(step)
+                try:
+                    line = job.skips.skipped(step, micro_losses, tc.num_microbatches, job.device)
+                except SkippedStepsError as err:
+                    job.checkpointer.close()  # what was saved before is written and published
+                    latest = checkpoints.latest_checkpoint(job.out / "checkpoints")
+                    raise SkippedStepsError(f"{err}; the latest checkpoint is "
+                                            f"{latest or 'none'}") from None
+                if job.is_writer:
+                    bar.write(line)
+            else:
+                job.skips.applied()
+                job.ema.update(job.model)
+            value = loss.clone()
+            dist.all_reduce(value)  # every rank of a DP replica holds the same loss: average all
+            # The loop's reads from the device, once the step is queued: this loss and the backend's
+            # gradient norm every step, routing statistics and the ranks' times on log steps, the
+            # micro-batches' losses on a skipped step. Nothing earlier reads
+            # (tests/test_speed_levers.py).
+            value = value.item() / dist.get_world_size()
+            if not skipped:
+                losses.append(value)
+            log_step = step % tc.log_interval == 0 or step == tc.steps
+            stragglers = times.report() if log_step and dist.get_world_size() > 1 else {}
             if job.is_writer:
-                bar.write(f"{'saving' if job.checkpointer.queue else 'saved'} {path}")
-        if stopped:
-            break
-        if tc.sample_interval and step % tc.sample_interval == 0 and step != tc.steps:
-            write_pictures(job, suffix=f"_step{step}")
+                record = {"step": step, "loss": None if skipped else value, "lr": lr,
+                          "grad_norm": None if skipped else grad_norm,
+                          "samples_per_s": job.layout.dp * tc.num_microbatches
+                          * tc.micro_batch_size / (time.perf_counter() - step_start)}
+                if skipped:
+                    record["skipped"] = True
+                if log_step:
+                    record.update(routing_metrics(routing))
+                    record.update({f"straggler/{key}": val for key, val in stragglers.items()})
+                    if writer is not None:
+                        for key, val in record.items():
+                            if (key != "step" and isinstance(val, (int, float))
+                                    and not isinstance(val, bool)):
+                                writer.add_scalar(key, val, step)
+                    bar.write(f"step {step:>6}  loss {value:.4f}  lr {lr:.2e}  grad {grad_norm:.3f}"
+                              f"  {record['samples_per_s']:.0f} samples/s"
+                              + (f"; {describe(stragglers)}" if stragglers else ""))
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(loss=f"{value:.3f}")
+                bar.update(1)
+            job.checkpointer.finalize()  # publish the asynchronous saves done (collective)
+            stopped = stop.should_stop()
+            if stopped or step == tc.steps or (save_every and step % save_every == 0):
+                path = job.save(step)
+                watchdog.beat()
+                if job.is_writer:
+                    bar.write(f"{'saving' if job.checkpointer.queue else 'saved'} {path}")
+            if stopped:
+                break
+            if tc.sample_interval and step % tc.sample_interval == 0 and step != tc.steps:
+                write_pictures(job, suffix=f"_step{step}")
+                watchdog.beat()
+    finally:
+        watchdog.close()
     bar.close()
     stop.close()
     job.checkpointer.close()  # the asynchronous saves written and published
