@@ -68,7 +68,7 @@ def main() -> None:
     batches = job.batches()
     for step in (1, 2):
         job.backend.zero_grad()
-        job.forward_backward([next(batches) for _ in range(job.cfg.train.num_microbatches)])
+        job.forward_backward([next(batches) for _ in range(job.cfg.train.num_microbatches)], step)
         job.backend.step(job.cfg.optim.lr)
         job.ema.update(job.model)
         report = {f"first_{k}": v for k, v in report.items()} if step == 2 else {}

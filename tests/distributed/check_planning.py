@@ -205,7 +205,7 @@ def job(spec: dict) -> dict:
         micro = [next(batches) for _ in range(cfg.train.num_microbatches)]
         job.backend.zero_grad()
         with saved if step == 1 else contextlib.nullcontext():
-            loss, _ = job.forward_backward(micro)
+            loss, _, _ = job.forward_backward(micro, step)
         job.backend.step(learning_rate(cfg.optim, cfg.train.steps, step - 1))
         losses.append(loss.item())
     return {"layout": job.layout.describe(), "losses": losses, "activations": saved.total,
