@@ -22,16 +22,11 @@ import time
 from pathlib import Path
 
 import pytest
+from slurm_jobs import LAUNCHER_VARIABLES, ended, logs, losses, start_now, wait
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "examples/slurm/pretrain_ecdit.sbatch"
-STEPS = 150
-
-
-# A launcher's variables of this test process (its own one-process world) must not reach the
-# jobs: sbatch exports the environment, and an inherited MASTER_PORT is taken.
-LAUNCHER_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                      "LOCAL_WORLD_SIZE"}
+STEPS = 60
 
 
 @pytest.fixture(scope="module")
@@ -66,54 +61,6 @@ def submit(env: dict, root: Path, out: str, *extra: str, sbatch_env: dict | None
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split(";")[0]
-
-
-def job_info(env: dict, job: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True,
-                         text=True).stdout
-    return dict(field.split("=", 1) for field in out.split() if "=" in field)
-
-
-NEVER_STARTS = {"PartitionConfig", "BadConstraints", "ReqNodeNotAvail", "PartitionNodeLimit"}
-
-
-def wait(env: dict, job: str, until, timeout: float = 300) -> dict[str, str]:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        info = job_info(env, job)
-        if until(info):
-            return info
-        if info.get("JobState") == "PENDING" and info.get("Reason") in NEVER_STARTS:
-            raise AssertionError(f"job {job} can never start on this cluster: {info}")
-        time.sleep(0.5)
-    raise AssertionError(f"job {job} did not get there in {timeout} s: {job_info(env, job)}")
-
-
-def start_now(env: dict, job: str) -> None:
-    """Make a requeued job eligible at once, as an administrator could, once the node has
-    cleaned up after its last run. slurmd revokes a requeued job's credential by the second:
-    started again within the second of its requeue, the job is killed with "Job credential
-    revoked" (measured when the first run ended quickly)."""
-    deadline = time.time() + 60
-    while time.time() < deadline and subprocess.run(
-            ["sinfo", "-h", "-o", "%T"], env=env, capture_output=True,
-            text=True).stdout.strip() != "idle":
-        time.sleep(0.5)
-    time.sleep(2)
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env)
-
-
-def ended(info: dict) -> bool:
-    return info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-
-
-def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open())}
-
-
-def logs(root: Path, name: str, job: str) -> dict[int, str]:
-    return {int(p.stem.rsplit("restart", 1)[1]): p.read_text()
-            for p in (root / "logs").glob(f"{name}-{job}-restart*.log")}
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +122,7 @@ def test_a_finished_run_submitted_again_exits_at_once(slurm, runs):
     job = submit(slurm, root, "whole")
     info = wait(slurm, job, ended)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0"
-    assert "already finished at step 150: nothing to do" in logs(root, "whole", job)[0]
+    assert f"already finished at step {STEPS}: nothing to do" in logs(root, "whole", job)[0]
 
 
 def test_restart_limit_stops_requeueing(slurm, tmp_path):

@@ -67,3 +67,11 @@ def describe(report: dict[str, object]) -> str:
     return (f"slowest rank {report['slowest_rank']} ({report['slowest_host']}) "
             f"{report['slowest_s']:.2f} s, fastest rank {report['fastest_rank']} "
             f"({report['fastest_host']}) {report['fastest_s']:.2f} s")
+
+
+def placement(hosts: list[str]) -> str:
+    """Which ranks each host runs: "ecn1: ranks 0, 1; ecn2: ranks 2, 3"."""
+    ranks: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        ranks.setdefault(host, []).append(rank)
+    return "; ".join(f"{host}: ranks {', '.join(map(str, r))}" for host, r in ranks.items())

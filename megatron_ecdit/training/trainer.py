@@ -60,7 +60,7 @@ from megatron_ecdit.training.nonfinite import (SkippedSteps, SkippedStepsError, 
                                                injected)
 from megatron_ecdit.training.optim import EMA, learning_rate
 from megatron_ecdit.training.preemption import StopRequest
-from megatron_ecdit.training.stragglers import StepTimes, describe
+from megatron_ecdit.training.stragglers import StepTimes, describe, placement
 from megatron_ecdit.training.watchdog import Watchdog
 from megatron_ecdit.training.visualize import save_compute_map, save_sample_grid
 
@@ -471,6 +471,9 @@ def train(cfg: Config) -> dict[str, float]:
             print(f"saved the initial weights: {path}")
     stop = StopRequest(tc.exit_duration_minutes)
     times = StepTimes(job.device)  # which rank is slow, on log steps
+    if job.is_writer and len(set(times.hosts)) > 1:
+        print(f"{len(times.hosts)} ranks on {len(set(times.hosts))} hosts: "
+              f"{placement(times.hosts)}")
     stopped = None
     save_every = cfg.checkpoint.save_interval
     watchdog = Watchdog(tc.hang_timeout_s, dist.get_rank())  # a hung rank exits 75
