@@ -151,6 +151,44 @@ def test_planner_never_recommends_a_layout_the_job_refuses():
     assert fitting and all(ParallelLayout.build(_as_config(cfg, e), 8) for e in fitting[:20])
 
 
+def test_node_sweep_gives_each_size_s_best_plan_and_its_scaling(capsys):
+    """`--sweep-nodes` (the demo's model on nodes of 2 small GPUs): each size's row is plan()'s
+    best at that size, its images/s, GPU-hours and scaling follow from its step time, and the
+    verdict names the first size whose scaling falls under WORTH_IT, or says none does."""
+    from megatron_ecdit.planning.estimate import Cluster
+    from megatron_ecdit.planning.search import WORTH_IT, plan, where_it_stops_paying, sweep
+    cfg, cluster = load_config(DEMO), Cluster(1, gpus_per_node=2, gpu_memory_gib=7.0)
+    assert plan_layout.main(["--config", str(DEMO), "--gpus-per-node", "2", "--gpu-memory-gib",
+                             "7", "--sweep-nodes", "2,1", "--global-batch", "64", "--json"]) == 0
+    sizes = json.loads(capsys.readouterr().out)["sizes"]
+    assert [s["nodes"] for s in sizes] == [1, 2]
+    for size in sizes:
+        fitting, _ = plan(cfg, dataclasses.replace(cluster, nodes=size["nodes"]), 64)
+        best, row = fitting[0], size["best"]
+        assert row["layout"] == dataclasses.asdict(best.layout)
+        assert size["layouts_that_fit"] == len(fitting)
+        assert row["images_per_s"] == pytest.approx(64 / best.step_time, rel=1e-12)
+        assert row["gpu_hours_per_million_images"] == pytest.approx(
+            2 * size["nodes"] * best.step_time / 3600 * 1e6 / 64, rel=1e-12)
+    assert sizes[0]["scaling"] is None
+    assert sizes[1]["scaling"] == pytest.approx(
+        sizes[1]["best"]["images_per_s"] / sizes[0]["best"]["images_per_s"] / 2, rel=1e-12)
+
+    rows = sweep(cfg, cluster, [1, 2], 64)
+    assert rows[1].scaling == pytest.approx(sizes[1]["scaling"], rel=1e-12)
+    stops = "adding GPUs stops paying past 1 nodes: 2 nodes give"
+    assert where_it_stops_paying(rows).startswith(stops) == (rows[1].scaling < WORTH_IT)
+    rows[1].scaling = WORTH_IT / 2
+    assert where_it_stops_paying(rows).startswith(stops)
+    rows[1].scaling = 1.0
+    assert where_it_stops_paying(rows).startswith("adding GPUs still pays up to 2 nodes")
+    for bad in (["--nodes", "2", "--sweep-nodes", "1,2"], ["--sweep-nodes", "1,x"],
+                ["--sweep-nodes", "1,1"]):
+        with pytest.raises(SystemExit) as exit_:
+            plan_layout.main(["--size", "XL-8E", *bad])
+        assert exit_.value.code == 2, bad
+
+
 def _as_config(cfg: Config, est) -> Config:
     from megatron_ecdit.planning.search import overrides
     base = dataclasses.asdict(cfg)

@@ -127,6 +127,14 @@ class Estimate:
     def mfu(self) -> float:
         return self.model_flops / (self.step_time * self.layout.world_size * self.peak_flops)
 
+    @property
+    def images_per_s(self) -> float:
+        return self.run.global_batch / self.step_time
+
+    @property
+    def gpu_hours_per_million_images(self) -> float:
+        return self.layout.world_size * self.step_time / 3600 * 1e6 / self.run.global_batch
+
 
 def _shape(cfg: Config, layout: ParallelLayout, run: Run) -> act.Shape:
     tokens = round(cfg.model.num_patches * (1 - cfg.diffusion.mask_ratio))

@@ -11,8 +11,9 @@ predicted step time, then memory.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from megatron_ecdit.config import Config, ConfigError
 from megatron_ecdit.parallel.layout import ParallelLayout
@@ -94,3 +95,57 @@ def overrides(est: Estimate) -> list[str]:
            f"train.micro_batch_size={est.run.micro_batch}",
            f"train.num_microbatches={est.num_microbatches}"]
     return out
+
+
+# Adding GPUs stops paying where the images/s grow by less than this fraction of the GPUs added.
+WORTH_IT = 0.5
+
+
+@dataclasses.dataclass
+class SweepRow:
+    """The best layout of one cluster size (None when nothing fits) and the scaling from the
+    size before: images/s gained over GPUs added (1.0 = linear)."""
+
+    nodes: int
+    best: Optional[Estimate]
+    fitting: int
+    scaling: Optional[float] = None
+
+
+def sweep(cfg: Config, cluster: Cluster, nodes: list[int], global_batch: int, *,
+          precision: str = "bf16", fixed: dict[str, Any] | None = None) -> list[SweepRow]:
+    """For one global batch, the best layout at each cluster size (`cluster` with its node
+    count replaced), and how its throughput scales from the size before."""
+    rows: list[SweepRow] = []
+    for n in sorted(nodes):
+        fitting, _ = plan(cfg, dataclasses.replace(cluster, nodes=n), global_batch,
+                          precision=precision, fixed=fixed)
+        row = SweepRow(n, fitting[0] if fitting else None, len(fitting))
+        before = next((r for r in reversed(rows) if r.best is not None), None)
+        if row.best is not None and before is not None:
+            row.scaling = ((row.best.images_per_s / before.best.images_per_s)
+                           / (row.best.layout.world_size / before.best.layout.world_size))
+        rows.append(row)
+    return rows
+
+
+def where_it_stops_paying(rows: list[SweepRow]) -> str:
+    """One sentence: the first size whose GPUs add less than WORTH_IT of their share in
+    images/s, and what an image costs at the largest size against the smallest."""
+    fit = [r for r in rows if r.best is not None]
+    if not fit:
+        return "no cluster size of the sweep fits the model"
+    first, last = fit[0].best, fit[-1].best
+    cost = (f"an image costs {last.gpu_hours_per_million_images:.1f} GPU-hours per million at "
+            f"{fit[-1].nodes} nodes against {first.gpu_hours_per_million_images:.1f} at "
+            f"{fit[0].nodes} (MFU {100 * last.mfu:.1f}% against {100 * first.mfu:.1f}%)")
+    for before, row in zip(fit, fit[1:]):
+        if row.scaling < WORTH_IT:
+            return (f"adding GPUs stops paying past {before.nodes} nodes: {row.nodes} nodes give "
+                    f"{row.best.images_per_s / before.best.images_per_s:.2f}x the images/s for "
+                    f"{row.best.layout.world_size / before.best.layout.world_size:.2f}x the GPUs "
+                    f"(scaling {row.scaling:.2f} < {WORTH_IT:g}); {cost}")
+    worst = min(r.scaling for r in fit[1:]) if len(fit) > 1 else 1.0
+    return (f"adding GPUs still pays up to {fit[-1].nodes} nodes, the largest size swept (each "
+            f"size gives at least {worst:.2f} of linear scaling in images/s, over {WORTH_IT:g}), "
+            f"but {cost}")

@@ -3,10 +3,14 @@
     ecdit-plan --config examples/configs/m_64e.yaml --nodes 64 --gpus-per-node 8 --gpu-memory-gib 80
     ecdit-plan --size M-64E --nodes 8 --ep 64          # a paper size; pin any degree
     ecdit-plan ... --json                              # for scripts
+    ecdit-plan --size M-64E --sweep-nodes 8,16,32,64   # how many GPUs are worth using
 
 Prints the best layouts that fit as a table, the memory breakdown of the first, the config
 overrides and sbatch line that select it, and the assumptions behind the numbers
-(megatron_ecdit/planning/). Exit code 2 when no layout fits.
+(megatron_ecdit/planning/). Exit code 2 when no layout fits. With --sweep-nodes, the best
+layout of each cluster size for the one global batch instead: step time, MFU, images/s,
+GPU-hours per million images and how images/s scale with the GPUs added, then where adding GPUs
+stops paying.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import sys
 from megatron_ecdit.config import PAPER_SIZES, Config, ConfigError, load_config, paper_model
 from megatron_ecdit.planning.checkpoints import Storage
 from megatron_ecdit.planning.estimate import GiB, Cluster, Estimate
-from megatron_ecdit.planning.search import overrides, plan
+from megatron_ecdit.planning.search import (SweepRow, overrides, plan, sweep,
+                                            where_it_stops_paying)
 
 FIXED = {"tp": int, "pp": int, "vpp": int, "ep": int, "zero": str, "zero_stage": int,
          "recompute": str, "micro_batch": int}
@@ -55,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="a YAML config (its model, MoE, masking, text length)")
     source.add_argument("--size", help="a paper size instead: XL, XXL, 3XL, M, with -<E>E")
-    parser.add_argument("--nodes", type=int, required=True)
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--nodes", type=int)
+    size.add_argument("--sweep-nodes", type=_node_counts, metavar="N,N,...",
+                      help="the best layout at each of these cluster sizes")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0)
     parser.add_argument("--gpu-tflops", type=float, default=989.0, help="peak dense bf16")
@@ -79,13 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gib, args.gpu_tflops,
+    cluster = Cluster(args.nodes or args.sweep_nodes[0], args.gpus_per_node, args.gpu_memory_gib, args.gpu_tflops,
                       internode_gb_s=args.internode_gb_s, storage=args.storage_gb_s)
     names = {"recompute": "activation_checkpointing", "micro_batch": "micro_batch_size"}
     fixed = {names.get(k, k): getattr(args, k) for k in FIXED if getattr(args, k) is not None}
     if "tp" in fixed and "sp" not in fixed:
         fixed["sp"] = fixed["tp"] > 1
     precision = args.precision or cfg.train.precision
+    if args.sweep_nodes:
+        rows = sweep(cfg, cluster, args.sweep_nodes, args.global_batch, precision=precision,
+                     fixed=fixed)
+        _print_sweep(rows, cluster, args, precision)
+        return 0 if any(r.best is not None for r in rows) else 2
     estimates, over = plan(cfg, cluster, args.global_batch, precision=precision, fixed=fixed)
     if args.json:
         print(json.dumps({"cluster": dataclasses.asdict(cluster), "over_budget": over,
@@ -128,6 +141,46 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _short(e: Estimate) -> str:
+    lay = e.layout
+    return (f"TP{lay.tp}{'+SP' if lay.sp else ''} PP{lay.pp} EP{lay.ep} DP{lay.dp} "
+            f"{lay.zero[:2]}-{lay.zero_stage} {lay.recompute} {e.run.micro_batch}x"
+            f"{e.num_microbatches}")
+
+
+def _print_sweep(rows: list[SweepRow], cluster: Cluster, args, precision: str) -> None:
+    if args.json:
+        print(json.dumps({"cluster": dataclasses.asdict(cluster) | {"nodes": args.sweep_nodes},
+                          "assumptions": cluster.assumptions(precision)[1:],
+                          "sizes": [{"nodes": r.nodes, "layouts_that_fit": r.fitting,
+                                     "scaling": r.scaling,
+                                     "best": None if r.best is None else
+                                     _as_json(r.best) | {
+                                         "images_per_s": r.best.images_per_s,
+                                         "gpu_hours_per_million_images":
+                                             r.best.gpu_hours_per_million_images}}
+                                    for r in rows],
+                          "verdict": where_it_stops_paying(rows)}, indent=1))
+        return
+    print(f"best layout per cluster size (global batch {args.global_batch}, {precision}; "
+          "scaling: images/s gained over GPUs added, 1.00 = linear)")
+    print(f"{'nodes':>5} {'GPUs':>5}  {'layout':<40} {'GiB/GPU':>7} {'step s':>7} {'MFU':>6} "
+          f"{'images/s':>9} {'GPU-h/M img':>11} {'scaling':>7}")
+    for r in rows:
+        gpus = r.nodes * cluster.gpus_per_node
+        if r.best is None:
+            print(f"{r.nodes:>5} {gpus:>5}  {'(no layout fits)':<40}")
+            continue
+        e = r.best
+        scaling = "" if r.scaling is None else f"{r.scaling:.2f}"
+        print(f"{r.nodes:>5} {gpus:>5}  {_short(e):<40} {e.memory_total / GiB:>7.1f} "
+              f"{e.step_time:>7.3f} {100 * e.mfu:>5.1f}% {e.images_per_s:>9.0f} "
+              f"{e.gpu_hours_per_million_images:>11.1f} {scaling:>7}")
+    print(f"\n{where_it_stops_paying(rows)}")
+    print("\nassumptions:\n"
+          + "\n".join(f"  - {line}" for line in cluster.assumptions(precision)[1:]))
+
+
 def _as_json(e: Estimate) -> dict:
     return {"layout": dataclasses.asdict(e.layout), "dp": e.layout.dp,
             "expert_dp": e.layout.expert_dp, "micro_batch": e.run.micro_batch,
@@ -139,6 +192,16 @@ def _as_json(e: Estimate) -> dict:
             "mfu": e.mfu,
             "tokens_per_expert_gemm": e.expert_gemm_rows,
             "checkpoint": dataclasses.asdict(e.checkpoint)}
+
+
+def _node_counts(text: str) -> list[int]:
+    try:
+        counts = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected node counts like 8,16,32, got {text!r}")
+    if min(counts) < 1 or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"expected distinct node counts >= 1, got {text!r}")
+    return sorted(counts)
 
 
 def _storage(text: str) -> Storage:
