@@ -1,6 +1,7 @@
 """Data parallelism through DeepSpeed ZeRO stages 1-3, with megatron-core's groups.
 
-`DeepSpeedZeRO` hands DeepSpeed's engine a torch AdamW (no fused-Adam build), megatron's
+`DeepSpeedZeRO` hands DeepSpeed's engine the one-process backend's torch optimizer (AdamW or
+RMSprop, `optim.name`; no fused-Adam build) over the same weight-decay groups, megatron's
 tensor-parallel group as its `mpu`, and with expert parallelism (ZeRO-1/2) the expert weights as
 DeepSpeed MoE parameter groups, partitioned and reduced over megatron-core's expert-DP group.
 
@@ -25,7 +26,8 @@ from torch import nn
 
 from megatron_ecdit.config import OptimConfig
 from megatron_ecdit.models.ecdit import ECDiTBlock
-from megatron_ecdit.parallel.backends.one_process import initialise_state
+from megatron_ecdit.parallel.backends.one_process import (initialise_state, param_groups,
+                                                           state_names, torch_optimizer)
 from megatron_ecdit.parallel.layout import ParallelLayout
 
 
@@ -90,8 +92,8 @@ def _register_expert_groups(name: str) -> None:
 
 
 class DeepSpeedZeRO:
-    """DeepSpeed ZeRO stage 1, 2 or 3 over the data-parallel group, with a torch AdamW as the
-    client optimizer (no fused-Adam build) and DeepSpeed's gradient clipping. With expert
+    """DeepSpeed ZeRO stage 1, 2 or 3 over the data-parallel group, with a torch AdamW or
+    RMSprop as the client optimizer (no fused-Adam build) and DeepSpeed's gradient clipping. With expert
     parallelism (ZeRO-1/2), the expert weights form DeepSpeed MoE parameter groups that are
     partitioned and reduced over megatron-core's expert-DP group. Stages 1 and 2 keep the
     parameters whole; stage 3 partitions them (see the module's docstring)."""
@@ -122,12 +124,16 @@ class DeepSpeedZeRO:
                 if isinstance(block, ECDiTBlock):
                     for p in block.parameters():
                         register_external_parameter(block, p)
-        param_groups = [{"name": "dense", "params": list(model.parameters())}]
+        # The one-process backend's groups (weight decay on matrices only) and optimizer, in
+        # torch's per-tensor loop (its choice for CPU tensors; DeepSpeed steps flat partitions).
+        groups = [dict(group, name=name) for group, name in
+                  zip(param_groups(list(model.parameters()), optim.weight_decay),
+                      ("decay", "no_decay"))]
         if expert_group is not None:
-            param_groups = split_params_into_different_moe_groups_for_optimizer(param_groups)
-        optimizer = torch.optim.AdamW(param_groups, lr=optim.lr,
-                                      betas=tuple(optim.betas), eps=optim.eps,
-                                      weight_decay=optim.weight_decay)
+            groups = split_params_into_different_moe_groups_for_optimizer(groups)
+        optimizer = torch_optimizer(dataclasses.replace(optim, implementation="for_loop"),
+                                    [group for group in groups if group["params"]])
+        self._state_names = ("fp32_param", *state_names(optim))
         config = {"train_micro_batch_size_per_gpu": micro_batch_size,
                   "gradient_accumulation_steps": num_microbatches,
                   "gradient_clipping": optim.grad_clip,
@@ -137,9 +143,12 @@ class DeepSpeedZeRO:
                   "zero_optimization": {"stage": layout.zero_stage,
                                         "overlap_comm": layout.overlap_grad_reduce,
                                         "memory_efficient_linear": False},
-                  "steps_per_print": 2**31 - 1}
+                  "steps_per_print": 2**31 - 1,
+                  # DeepSpeed vouches for its Adam family only; RMSprop's ZeRO runs equal one
+                  # process and resume bit for bit (tests/test_entry_point.py)
+                  "zero_allow_untested_optimizer": optim.name != "adamw"}
         if next(model.parameters()).dtype == torch.bfloat16:
-            # train.precision=bf16: DeepSpeed keeps fp32 master partitions and Adam state;
+            # train.precision=bf16: DeepSpeed keeps fp32 master partitions and optimizer state;
             # gradients accumulate in fp32 (ZeRO-1 then runs as DeepSpeed's BF16_Optimizer).
             config["bf16"] = {"enabled": True}
             config["data_types"] = {"grad_accum_dtype": "fp32"}
@@ -216,13 +225,12 @@ class DeepSpeedZeRO:
             return math.nan
         return float(norm) if norm is not None else math.nan
 
-    _STATE = ("fp32_param", "exp_avg", "exp_avg_sq")
     checkpoint_format = "deepspeed-zero"  # every stage alike: full tensors per parameter
     optimizer_layout = None  # model space: loads at any layout
 
     def sharded_state_dict(self, model_state: dict, is_loading: bool,
                            sharding: Optional[str] = None) -> dict:
-        """The fp32 master weights and Adam moments of every parameter, gathered over the
+        """The fp32 master weights and optimizer moments of every parameter, gathered over the
         data-parallel group by DeepSpeed's own accessors and described in model space like
         the parameter (collective; under ZeRO-3 inside `gathered`, where `model_state`
         describes whole parameters). Both backends thus write the same optimizer tensors."""
@@ -231,7 +239,7 @@ class DeepSpeedZeRO:
         self._initialise_state()
         state = {}
         for entry, sh in model_state.items():
-            for key in self._STATE:
+            for key in self._state_names:
                 if is_loading:
                     value = torch.empty_like(sh.data, dtype=torch.float32)
                 elif key == "fp32_param":
@@ -244,7 +252,7 @@ class DeepSpeedZeRO:
         return state
 
     def _initialise_state(self) -> None:
-        """Adam's state exists only after DeepSpeed's first step; create it now (no-op if it
+        """The optimizer's state exists only after DeepSpeed's first step; create it now (no-op if it
         exists) so that it can be saved or loaded into."""
         zero = self.engine.optimizer
         if self.partitioned:
@@ -257,7 +265,7 @@ class DeepSpeedZeRO:
                 group["params"] = []
             return
         initialise_state(zero.optimizer)
-        # DeepSpeed links each parameter to its Adam state once, right after stepping the
+        # DeepSpeed links each parameter to its optimizer state once, right after stepping the
         # first parameter group, so later groups (the expert groups) link to an empty state;
         # link again now that every group has its state.
         zero._hp_optimizer_states_linked = False

@@ -23,17 +23,21 @@ from megatron_ecdit.config import OptimConfig
 from megatron_ecdit.parallel.backends import WholeParameters
 
 
-def build_optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """Weight decay applies to matrices only (not norms, biases, embedders' biases).
+def param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Weight decay applies to matrices only (not norms, biases, embedders' biases)."""
+    decay = [p for p in params if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in params if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def torch_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """`cfg.name` over these parameter groups (each with its weight decay).
 
     `cfg.implementation` picks torch's per-tensor loop, its multi-tensor (foreach) kernels or,
     for AdamW, its fused kernel (CPU and CUDA; RMSprop has none and takes foreach); torch
     itself takes the loop for CPU tensors unless told otherwise. The fused kernel keeps the
     step count on the parameters' device and reads no scalar back to the host."""
-    decay = [p for p in params if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in params if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
     impl = cfg.implementation
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
@@ -41,6 +45,17 @@ def build_optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim
     # RMSProp with momentum, as the paper reports (lr 1e-4 there).
     return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps,
                                momentum=cfg.momentum, foreach=impl != "for_loop")
+
+
+def state_names(cfg: OptimConfig) -> tuple[str, ...]:
+    """The per-parameter state tensors of `cfg.name`'s torch optimizer (besides its step)."""
+    if cfg.name == "adamw":
+        return "exp_avg", "exp_avg_sq"
+    return ("square_avg",) + (("momentum_buffer",) if cfg.momentum else ())
+
+
+def build_optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch_optimizer(cfg, param_groups(params, cfg.weight_decay))
 
 
 class TorchOptimizer(WholeParameters):
