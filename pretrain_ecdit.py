@@ -50,6 +50,11 @@ def main(argv=None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except SkippedStepsError as err:  # alike on every rank (a RuntimeError, not a lost peer)
+        import torch.distributed as dist
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
     except RuntimeError as err:
         if not lost_peer(err):
             raise
@@ -59,11 +64,6 @@ def main(argv=None) -> int:
         print(f"rank {rank}: a collective failed, a peer is lost or stuck ({first}); exiting "
               f"with {EXIT_RESUME}, {RESUME_HINT}", file=sys.stderr, flush=True)
         return EXIT_RESUME
-    except SkippedStepsError as err:  # alike on every rank
-        import torch.distributed as dist
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"error: {err}", file=sys.stderr)
-        return 1
     return EXIT_RESUME if summary["stopped"] else 0
 
 

@@ -26,7 +26,7 @@ from slurm_jobs import LAUNCHER_VARIABLES, ended, logs, losses, start_now, wait
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = ["bash", str(ROOT / "scripts/slurm_local.sh")]
 SBATCH = ROOT / "examples/slurm/pretrain_ecdit.sbatch"
-STEPS = 60
+STEPS = 30
 HANG_S, COLLECTIVE_S, MARGIN_S = 12, 30, 30
 MARK = "# megatron_ecdit virtual node"
 

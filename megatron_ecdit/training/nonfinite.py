@@ -46,27 +46,6 @@ def injected(spec: list[str], step: int) -> list[int]:
     return found
 
 
-class SkippedStepsError(RuntimeError):
-    """Too many non-finite steps in a row (raised alike on every rank)."""
-
-
-def guard(loss: torch.Tensor) -> torch.Tensor:
-    """`loss`, whose gradient becomes NaN when its value is not finite (a NaN loss can still
-    give finite gradients, e.g. through a masked or detached path)."""
-    factor = torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)
-    return loss * factor.to(loss.dtype)
-
-
-def injected(spec: list[str], step: int) -> list[int]:
-    """The micro-batches of `step` that `train.inject_nonfinite` ("STEP:MICRO" entries) names."""
-    found = []
-    for entry in spec:
-        at, micro = entry.split(":")
-        if int(at) == step:
-            found.append(int(micro))
-    return found
-
-
 def parse_injections(spec: list[str], num_microbatches: int) -> None:
     """Check `train.inject_nonfinite` before training: raises ValueError naming the entry."""
     for entry in spec:
