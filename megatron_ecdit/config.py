@@ -283,7 +283,9 @@ class TrainConfig:
     # bf16: megatron-style mixed precision. Parameters and activations are bf16; the optimizer
     # backend keeps fp32 main weights, gradients and optimizer state; the router computes in
     # fp32, and on a CPU so does the attention core (torch's bf16 CPU kernel is slower).
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 where its matrix products are native (a GPU with bf16; a CPU with AVX-512
+    # BF16 or AMX), else fp32: an AVX2 CPU emulates bf16 products ~100x slower than fp32.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     # torch.compile each block (regional compilation, parallel/compile.py): fuses adaLN's
     # modulate, gate and residual and the GELUs. Its first steps compile.
     compile: bool = False

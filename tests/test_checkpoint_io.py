@@ -123,9 +123,10 @@ def test_the_planner_predicts_the_bytes_each_rank_writes(tmp_path, nproc, layout
     checkpoint = tmp_path / "checkpoints" / "step_0000001"
     written = rank_files(checkpoint)
     cfg = load_config(ROOT / "examples/configs/demo.yaml", layout)
-    saved = json.loads((tmp_path / "config.json").read_text())["model"]
+    saved = json.loads((tmp_path / "config.json").read_text())
     for key in ("in_channels", "input_size", "text_dim"):  # as the job derived them
-        setattr(cfg.model, key, saved[key])
+        setattr(cfg.model, key, saved["model"][key])
+    cfg.train.precision = saved["train"]["precision"]  # the demo's auto, as the job resolved it
     lay = ParallelLayout.build(cfg, nproc)
     stages = [rank_params(cfg.model, cfg.moe, tp=lay.tp, pp=lay.pp, vpp=lay.vpp, ep=lay.ep,
                           etp=lay.etp, pp_rank=r) for r in range(lay.pp)]

@@ -4,11 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import pretrain_ecdit
 from megatron_ecdit.checkpoint.distributed import latest_checkpoint, load_weights
 from megatron_ecdit.config import load_config
 from megatron_ecdit.models.ecdit import ECDiT
+from megatron_ecdit.parallel import setup
 from megatron_ecdit.training.trainer import train
 
 
@@ -55,6 +57,35 @@ def test_same_seed_same_losses(tmp_path, ctx):
     assert len(first) == 6 and first == second
     train(tiny(tmp_path / "c", "train.steps=6", "train.tensorboard=false", "train.seed=5"))
     assert losses(tmp_path / "c" / "out") != first
+
+
+CPU_FLAGS = {"AVX2": "fpu sse4_2 avx2 fma", "AVX-512 BF16": "avx2 avx512f avx512_bf16",
+             "AMX": "avx2 avx512f amx_bf16 amx_tile"}
+
+
+def fake_cpu(monkeypatch, tmp_path: Path, cpu: str) -> None:
+    cpuinfo = tmp_path / "cpuinfo"  # not written for "none": no /proc/cpuinfo
+    if cpu in CPU_FLAGS:
+        cpuinfo.write_text(f"processor : 0\nflags : {CPU_FLAGS[cpu]}\n")
+    monkeypatch.setattr(setup, "CPUINFO", cpuinfo)
+
+
+@pytest.mark.parametrize("cpu,expected", [("AVX2", "fp32"), ("AVX-512 BF16", "bf16"),
+                                          ("AMX", "bf16"), ("none", "fp32")])
+def test_auto_precision_is_bf16_only_where_bf16_products_are_native(tmp_path, monkeypatch, cpu,
+                                                                    expected):
+    fake_cpu(monkeypatch, tmp_path, cpu)
+    resolve = [setup.resolve_precision(p, torch.device("cpu")) for p in ("auto", "fp32", "bf16")]
+    assert resolve == [expected, "fp32", "bf16"]
+
+
+def test_a_job_records_the_precision_auto_chose(tmp_path, monkeypatch, ctx):
+    fake_cpu(monkeypatch, tmp_path, "AVX2")
+    cfg = tiny(tmp_path, "train.steps=2", "train.precision=auto", "train.tensorboard=false")
+    train(cfg)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["train"]["precision"] == \
+        "fp32"
+    assert len(losses(tmp_path / "out")) == 2
 
 
 def test_masked_training_and_rmsprop_and_token_choice(tmp_path, ctx):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,7 @@ from megatron_ecdit.parallel.layout import ParallelLayout
 
 _groups_for: tuple[int, ...] | None = None  # the degrees parallel_state was initialised with
 _timeout: datetime.timedelta | None = None  # of every process group, set when the world starts
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def _free_port() -> int:
@@ -63,6 +65,26 @@ def local_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively here: a GPU that supports bf16, or a CPU with
+    AVX-512 BF16 or AMX (Linux's CPU flags). Elsewhere torch emulates them, on an AVX2 CPU
+    ~100x slower than fp32 (benchmarks/RESULTS.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = set(CPUINFO.read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`train.precision`, with "auto" made bf16 where native_bf16(device), else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def world_size(timeout_s: float | None = None) -> int:

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"(default {Storage.node_gb_s:g},{Storage.aggregate_gb_s:g})")
     parser.add_argument("--global-batch", type=int, default=4096, help="images per step")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
-                        help="default: the config's train.precision")
+                        help="default: the config's train.precision (auto: bf16)")
     for name, kind in FIXED.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help="fix this choice")
     parser.add_argument("--top", type=int, default=10, help="rows to print")
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if "tp" in fixed and "sp" not in fixed:
         fixed["sp"] = fixed["tp"] > 1
     precision = args.precision or cfg.train.precision
+    if precision == "auto":  # the planner's GPUs have native bf16
+        precision = "bf16"
     if args.sweep_nodes:
         rows = sweep(cfg, cluster, args.sweep_nodes, args.global_batch, precision=precision,
                      fixed=fixed)

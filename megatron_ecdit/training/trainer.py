@@ -53,7 +53,7 @@ from megatron_ecdit.parallel.backends import OptimizerBackend, build_backend
 from megatron_ecdit.parallel.compile import apply_compile, eager_blocks
 from megatron_ecdit.parallel.layout import ParallelLayout
 from megatron_ecdit.parallel.setup import (data_parallel_rank_and_size, initialize_parallel,
-                                           local_device, world_size)
+                                           local_device, resolve_precision, world_size)
 from megatron_ecdit.parallel.pipeline import PipelineRunner
 from megatron_ecdit.parallel.sharding import check_replicas, initialize
 from megatron_ecdit.training.nonfinite import (SkippedSteps, SkippedStepsError, guard,
@@ -80,6 +80,14 @@ class Job:
         self.ctx = ctx = initialize_parallel(self.layout)
         self.is_writer = dist.get_rank() == 0
         self.device = local_device()
+        if cfg.train.precision == "auto":  # recorded resolved, in config.json and checkpoints
+            cfg.train.precision = resolve_precision("auto", self.device)
+            if self.is_writer:
+                why = ("bf16 products are native here" if cfg.train.precision == "bf16" else
+                       "this GPU has no bf16" if self.device.type == "cuda" else
+                       "this CPU has no AVX-512 BF16 or AMX: it would emulate bf16 products, "
+                       "far slower than fp32")
+                print(f"train.precision=auto: {cfg.train.precision} ({why})")
         # Noise, timesteps and caption dropout differ per data-parallel rank, as the data does.
         dp_rank, _ = data_parallel_rank_and_size()
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 1000003 * dp_rank)
