@@ -47,6 +47,16 @@ def start_now(env: dict, job: str) -> None:
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env)
 
 
+def wait_for_rows(metrics: Path, rows: int, timeout: float = 300) -> None:
+    """Until the job's metrics.jsonl has `rows` steps (then it is past start-up)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= rows:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{metrics} did not reach {rows} steps in {timeout} s")
+
+
 def ended(info: dict) -> bool:
     return info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
 

@@ -160,7 +160,7 @@ def launch(nproc: int, jobs: list[list[str]], log: Path) -> None:
            [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", str(nproc)])
     result = subprocess.run([*cmd, str(SCRIPT), json.dumps(jobs)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, timeout=900)
+                            stderr=subprocess.STDOUT, text=True, env=env, timeout=1800)
     log.write_text(result.stdout)
     assert result.returncode == 0, f"{log}:\n" + result.stdout[-5000:]
 

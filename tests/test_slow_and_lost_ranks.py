@@ -129,6 +129,7 @@ def test_the_straggler_fields_name_a_rank_slowed_on_purpose(reference):
             slow = worker_with_rank(proc.pid, 1)
             time.sleep(0.05)
         assert slow is not None, proc.communicate()[0][-3000:]
+        wait_for_step(out, 1, proc)  # start-up at full speed
         while proc.poll() is None:  # rank 1 runs 20 ms in every 170: shorter than its work
             os.kill(slow, signal.SIGSTOP)
             time.sleep(0.15)

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_jobs import LAUNCHER_VARIABLES, ended, logs, losses, start_now, wait
+from slurm_jobs import (LAUNCHER_VARIABLES, ended, logs, losses, start_now, wait,
+                        wait_for_rows)
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "examples/slurm/pretrain_ecdit.sbatch"
@@ -92,10 +93,7 @@ def test_preempted_job_requeues_itself_and_resumes_exactly(slurm, runs):
     root, whole_job = runs
     job = submit(slurm, root, "preempted")
     metrics = root / "preempted" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.is_file()
-                                          and len(metrics.read_text().splitlines()) >= 5):
-        time.sleep(0.2)
+    wait_for_rows(metrics, 5)
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
     # Requeued, the job passes through a terminal-looking state before it is pending again.
     wait(slurm, job, lambda i: i.get("Restarts") == "1" and i.get("JobState") == "PENDING")

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_jobs import LAUNCHER_VARIABLES, ended, logs, losses, start_now, wait
+from slurm_jobs import (LAUNCHER_VARIABLES, ended, logs, losses, start_now, wait,
+                        wait_for_rows)
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = ["bash", str(ROOT / "scripts/slurm_local.sh")]
@@ -165,10 +166,7 @@ def faulted(cluster, runs):
     root, _ = runs
     job = submit(cluster, root, "faulted")
     metrics = root / "faulted" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.is_file()
-                                          and len(metrics.read_text().splitlines()) >= 5):
-        time.sleep(0.2)
+    wait_for_rows(metrics, 5)
     subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True)
     requeued(cluster, job, 1)
 

@@ -2,8 +2,9 @@
 implementations, the multi-tensor EMA; bf16 parameters with fp32 main weights within the
 documented tolerance (training/step_checks.py: BF16_RTOL, >= 99.5% of expert choices equal);
 and a training step reads nothing back from the device except its documented logging point.
-Timings are benchmarks/bench_train_step.py's job; benchmarks/gpu/check_gpu.py runs the bf16
-and host-read checks on a GPU."""
+Compiled training jobs, through the entry point at TP2+SP, PP2, EP2 and DeepSpeed ZeRO-1, are
+tests/test_entry_point.py's. Timings are benchmarks/bench_train_step.py's job;
+benchmarks/gpu/check_gpu.py runs the bf16 and host-read checks on a GPU."""
 
 import pytest
 import torch
@@ -59,20 +60,6 @@ def test_compiled_blocks_equal_eager_and_sampling_compiles_nothing(ctx):
     with torch.no_grad(), eager_blocks():
         model(*batch(B=1, seed=2)[0])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-
-
-def test_training_job_with_compiled_blocks_trains_like_eager(tmp_path, ctx):
-    """train.compile end to end: the same losses (1e-5), and sampling at the end runs."""
-    from test_training import losses, tiny
-    from megatron_ecdit.training.trainer import train
-
-    for name, compiled in (("eager", "false"), ("compiled", "true")):
-        train(tiny(tmp_path / name, "train.steps=4", "train.tensorboard=false",
-                   "checkpoint.save_interval=0", f"train.compile={compiled}"))
-    eager, compiled = losses(tmp_path / "eager/out"), losses(tmp_path / "compiled/out")
-    assert len(compiled) == 4
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
-    assert (tmp_path / "compiled/out/samples.png").is_file()
 
 
 def test_compile_is_refused_with_deepspeed_zero_2_and_3_only():

@@ -157,7 +157,11 @@ class Sizes:
     peak_tflops: float | None  # dense bf16; None on a CPU (no goals there)
 
     def step_config(self) -> Config:
-        return shape_config("demo", 0, 0) if self.tiny else shape_config("xl", 4, 32)
+        if not self.tiny:
+            return shape_config("xl", 4, 32)
+        cfg = shape_config("demo", 0, 0)
+        cfg.train.micro_batch_size = 4  # bf16 is emulated, slowly, on a CPU without AVX-512 BF16
+        return cfg
 
     def bf16_config(self) -> Config:
         if not self.tiny:
