@@ -40,8 +40,9 @@ DS3 = ["parallel.zero=deepspeed", "parallel.zero_stage=3"]
 SWIGLU = ["moe.activation=swiglu", "moe.shared_expert_size=32"]
 TC_MB2 = ["moe.router=token_choice", "moe.capacity_factor=1.0", "train.num_microbatches=2"]
 BF16 = ["train.precision=bf16"]
-# RMSProp with momentum, as the paper trained (DeepSpeed; megatron-core has no RMSprop), with
-# weight decay on matrices only, as in one process.
+# RMSProp with momentum, as the paper trained (megatron-core builds Adam only: its distributed
+# optimizer holds the one process's RMSprop), with weight decay on matrices only, as in one
+# process.
 RMSPROP = ["optim.name=rmsprop", "optim.lr=1e-3", "optim.weight_decay=0.1"]
 HALF = f"checkpoint.save_interval={STEPS // 2}"  # for the resumed runs
 # bf16 layouts against bf16 references sum in another order and round to 8 bits: measured up
@@ -96,11 +97,15 @@ LAYOUTS = {  # name: (processes, overrides, reference)
     "DeepSpeed-ZeRO2-DP2-rmsprop": (2, [*DS2, *RMSPROP], None),
     "DeepSpeed-ZeRO2-EP2-rmsprop": (2, ["parallel.ep=2", *DS2, *RMSPROP, HALF],
                                     "DeepSpeed-ZeRO2-DP2-rmsprop"),
+    "TP2-rmsprop": (2, ["parallel.tp=2", *RMSPROP, HALF], "one-rmsprop"),
+    "DP2-rmsprop": (2, RMSPROP, "DeepSpeed-ZeRO2-DP2-rmsprop"),
+    "EP2-rmsprop": (2, ["parallel.ep=2", *RMSPROP, HALF], "DP2-rmsprop"),
 }
 # Resumed half-way from their own checkpoint, these runs must equal the uninterrupted ones bit
 # for bit (bf16: the fp32 main weights are saved and restored).
 RESUMED = ["DeepSpeed-ZeRO3-DP2", "one-bf16", "DP2-bf16", "DeepSpeed-ZeRO1-DP2-bf16",
-           "DeepSpeed-ZeRO2-TP2+SP", "DeepSpeed-ZeRO2-TP2-rmsprop", "DeepSpeed-ZeRO2-EP2-rmsprop"]
+           "DeepSpeed-ZeRO2-TP2+SP", "DeepSpeed-ZeRO2-TP2-rmsprop", "DeepSpeed-ZeRO2-EP2-rmsprop",
+           "TP2-rmsprop", "EP2-rmsprop"]
 FINETUNE = {  # name: (processes, overrides): 3 steps from the imported weights
     "one": (1, []),
     "TP2": (2, ["parallel.tp=2"]),

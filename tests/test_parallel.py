@@ -40,17 +40,19 @@ def test_degrees_and_expert_grid():
     (2, ["parallel.pp=2", "parallel.overlap_grad_reduce=true"],
      "overlap_grad_reduce works with parallel.pp = 1 only"),
     (2, ["moe.num_experts=0", "parallel.ep=2"], "parallel.ep > 1 needs moe.num_experts > 0"),
-    (2, ["optim.name=rmsprop"], "optim.name=rmsprop does not run with parallel.zero=megatron"),
 ])
 def test_impossible_layouts_name_the_constraint(world, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         layout(world, *overrides)
 
 
-def test_rmsprop_runs_with_deepspeed_and_in_one_process():
+def test_rmsprop_runs_on_every_backend():
     for zero_stage in (1, 2, 3):
         assert layout(2, "optim.name=rmsprop", "parallel.zero=deepspeed",
                       f"parallel.zero_stage={zero_stage}").zero == "deepspeed"
+    for zero_stage in (0, 1):
+        assert layout(2, "optim.name=rmsprop", f"parallel.zero_stage={zero_stage}").zero == \
+            "megatron"
     assert layout(1, "optim.name=rmsprop").world_size == 1
 
 

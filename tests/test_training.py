@@ -94,6 +94,18 @@ def test_masked_training_and_rmsprop_and_token_choice(tmp_path, ctx):
     assert len(losses(tmp_path / "out")) == 3
 
 
+def test_optimizer_state_loads_only_into_the_optimizer_that_saved_it(tmp_path, ctx, capsys):
+    """AdamW's moments are no RMSprop state: resumed with RMSprop, the run keeps the weights,
+    starts its optimizer fresh and says why."""
+    train(tiny(tmp_path, "train.steps=2", "checkpoint.save_interval=2", "train.tensorboard=false"))
+    capsys.readouterr()
+    train(tiny(tmp_path, "train.steps=3", "optim.name=rmsprop", "train.tensorboard=false"))
+    out = capsys.readouterr().out
+    assert "resumed from" in out
+    assert "optimizer state not restored: saved by torch, this run uses torch-rmsprop" in out
+    assert len(losses(tmp_path / "out")) == 3
+
+
 @pytest.mark.parametrize("key", ["text_encoder.path", "vae.path"])
 def test_missing_encoder_folder_fails_before_training(tmp_path, ctx, key):
     missing = tmp_path / "no-such-model"

@@ -163,10 +163,5 @@ class ParallelLayout:
                               "from eager ones (measured at ZeRO-2 DP2: gradient norm 1.3% off "
                               "after 6 steps); use zero_stage 1 or parallel.zero=megatron (see "
                               "megatron_ecdit/parallel/compile.py)")
-        if world_size > 1 and cfg.optim.name != "adamw" and p.zero == "megatron":
-            raise ConfigError(f"optim.name={cfg.optim.name} does not run with "
-                              "parallel.zero=megatron: megatron-core builds Adam or SGD only "
-                              "(its distributed optimizer checkpoints Adam's moments); use "
-                              "parallel.zero=deepspeed, or one process")
         return cls(world_size, p.tp, p.sp, p.pp, p.vpp, p.ep, etp, p.zero, p.zero_stage,
                    p.activation_checkpointing, p.overlap_grad_reduce)

@@ -26,8 +26,9 @@ from torch import nn
 
 from megatron_ecdit.config import OptimConfig
 from megatron_ecdit.models.ecdit import ECDiTBlock
-from megatron_ecdit.parallel.backends.one_process import (initialise_state, param_groups,
-                                                           state_names, torch_optimizer)
+from megatron_ecdit.parallel.backends.one_process import (format_suffix, initialise_state,
+                                                           param_groups, state_names,
+                                                           torch_optimizer)
 from megatron_ecdit.parallel.layout import ParallelLayout
 
 
@@ -134,6 +135,7 @@ class DeepSpeedZeRO:
         optimizer = torch_optimizer(dataclasses.replace(optim, implementation="for_loop"),
                                     [group for group in groups if group["params"]])
         self._state_names = ("fp32_param", *state_names(optim))
+        self.checkpoint_format = "deepspeed-zero" + format_suffix(optim)
         config = {"train_micro_batch_size_per_gpu": micro_batch_size,
                   "gradient_accumulation_steps": num_microbatches,
                   "gradient_clipping": optim.grad_clip,
@@ -225,7 +227,7 @@ class DeepSpeedZeRO:
             return math.nan
         return float(norm) if norm is not None else math.nan
 
-    checkpoint_format = "deepspeed-zero"  # every stage alike: full tensors per parameter
+    checkpoint_format: str  # every stage alike: full tensors per parameter
     optimizer_layout = None  # model space: loads at any layout
 
     def sharded_state_dict(self, model_state: dict, is_loading: bool,

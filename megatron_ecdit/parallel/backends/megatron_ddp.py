@@ -4,10 +4,10 @@
 megatron-core's DistributedDataParallel (contiguous grad buffers; dense grads reduced over DP,
 expert grads over expert-DP, sequence-parallel norm grads over TP by `finalize_model_grads`)
 and builds megatron-core's optimizer: the distributed optimizer (ZeRO-1: fp32 master weights and
-Adam state sharded over DP) for zero_stage 1, or the replicated one for zero_stage 0. Gradients
-of the conditioning embedders replicated on every pipeline stage (tagged `pipeline_parallel`)
-are summed over the pipeline group before the data-parallel reduction, so every replica takes
-the same step.
+AdamW or RMSprop state sharded over DP) for zero_stage 1, or the replicated one for zero_stage
+0. Gradients of the conditioning embedders replicated on every pipeline stage (tagged
+`pipeline_parallel`) are summed over the pipeline group before the data-parallel reduction, so
+every replica takes the same step.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from torch import nn
 from megatron_ecdit.config import ModelConfig, MoEConfig, OptimConfig
 from megatron_ecdit.layers.tensor_parallel import ParallelContext
 from megatron_ecdit.parallel.backends import WholeParameters
-from megatron_ecdit.parallel.backends.one_process import initialise_state
+from megatron_ecdit.parallel.backends.one_process import (format_suffix, initialise_state,
+                                                         state_names, torch_optimizer)
 from megatron_ecdit.parallel.layout import ParallelLayout
 
 
@@ -52,6 +53,18 @@ def transformer_config(model: ModelConfig, moe: MoEConfig, ctx: ParallelContext,
         batch_p2p_comm=False)  # batched p2p over gloo gives wrong gradients (measured)
 
 
+def _swapped(adam: torch.optim.Optimizer, optim: OptimConfig) -> torch.optim.Optimizer:
+    """The one process's torch optimizer for `optim` over the parameter groups megatron-core
+    built for `adam` (its main-weight shards, with their weight decay). The groups are handed
+    over as the distributed optimizer hands its shards to Adam: assigned, since the shards
+    of fp32 parameters are views, which torch refuses to take as parameters."""
+    swapped = torch_optimizer(optim, [{"params": []}])
+    for group in adam.param_groups:
+        group.update({k: v for k, v in swapped.defaults.items() if k not in ("lr", "weight_decay")})
+    swapped.param_groups = adam.param_groups
+    return swapped
+
+
 class MegatronZeRO(WholeParameters):
     def __init__(self, model: nn.Module | list[nn.Module], model_cfg: ModelConfig,
                  moe: MoEConfig, optim: OptimConfig, ctx: ParallelContext,
@@ -61,7 +74,8 @@ class MegatronZeRO(WholeParameters):
         # weights and Adam state in the optimizer and fp32 gradient buffers (grad_reduce_in_fp32).
         dtype = next(chunks[0].parameters()).dtype
         bf16 = dtype == torch.bfloat16
-        self.checkpoint_format = f"megatron-zero{layout.zero_stage}" + ("-bf16" if bf16 else "")
+        self.checkpoint_format = (f"megatron-zero{layout.zero_stage}" + ("-bf16" if bf16 else "")
+                                  + format_suffix(optim))
         # What dp_reshardable optimizer state is tied to: the buffers' structure, which the
         # model-parallel degrees and the gradient buckets decide (not the data-parallel size).
         self.optimizer_layout = (f"TP{layout.tp} PP{layout.pp} VPP{layout.vpp} EP{layout.ep} "
@@ -78,6 +92,9 @@ class MegatronZeRO(WholeParameters):
         self.modules = [DistributedDataParallel(self.config, ddp_config, chunk)
                         for chunk in chunks]
         self.module = self.modules[0]
+        # megatron-core builds Adam (or SGD) only: for RMSprop its wrappers, parameter groups
+        # (weight decay on matrices only, as in one process) and main weights are built for
+        # Adam, and the torch optimizer inside each is then swapped for the one process's.
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr,
                             weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
@@ -85,6 +102,19 @@ class MegatronZeRO(WholeParameters):
                             clip_grad=optim.grad_clip, bf16=bf16, params_dtype=dtype,
                             use_distributed_optimizer=layout.zero_stage >= 1),
             self.modules)
+        # Weight decay as megatron-core's scheduler sets it, which this loop does not run:
+        # `wd_mult` 0 for biases and norms (torch gave every group the configured decay).
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = optim.weight_decay * group["wd_mult"]
+        self._state_names = state_names(optim)
+        if optim.name != "adamw":
+            for chained in self._optimizers():
+                chained.optimizer = _swapped(chained.optimizer, optim)
+                chained.init_state_fn = lambda optimizer, config=None: initialise_state(optimizer)
+        # megatron-core's distributed optimizer saves and loads its torch optimizer's state
+        # under Adam's names (hard-coded); RMSprop's tensors go under them too (_alias_state).
+        self._aliases = ({} if optim.name == "adamw" or layout.zero_stage == 0 else
+                         dict(zip(self._state_names, ("exp_avg_sq", "exp_avg"))))
         self.num_microbatches = num_microbatches
         self._backwards = 0  # micro-batches since the last step (without pipelining)
         self._sharding = "dp_reshardable"  # of the optimizer state last described
@@ -182,6 +212,7 @@ class MegatronZeRO(WholeParameters):
             if not any(group["params"] for group in optimizer.optimizer.param_groups):
                 continue
             initialise_state(optimizer.optimizer)  # before the first step there is none yet
+            self._alias_state(optimizer.optimizer)
             state[index] = optimizer.sharded_state_dict(
                 model_state, is_loading=is_loading,
                 metadata={"distrib_optim_sharding_type": sharding})
@@ -208,13 +239,30 @@ class MegatronZeRO(WholeParameters):
             optimizer.load_state_dict(own)
             if param_state is not None:
                 for param_state_ in optimizer.optimizer.state.values():
-                    param_state_.pop("step", None)
+                    for key in ("step", *self._aliases):  # megatron-core fills Adam's names
+                        param_state_.pop(key, None)
                 if self._sharding == "dp_reshardable":
                     optimizer.load_parameter_state_from_dp_reshardable(param_state)
                 else:
                     optimizer.load_parameter_state_from_fully_reshardable(param_state)
             for param_state_ in optimizer.optimizer.state.values():
                 param_state_["step"] = torch.tensor(float(step))
+            self._alias_state(optimizer.optimizer, loaded=True)
+
+    def _alias_state(self, optimizer: torch.optim.Optimizer, loaded: bool = False) -> None:
+        """RMSprop under the distributed optimizer: each state tensor also under the Adam name
+        megatron-core reads and writes (square_avg as exp_avg_sq, momentum_buffer as
+        exp_avg; without momentum, a zero exp_avg that nothing uses), the same tensors, which
+        RMSprop updates in place. After a load megatron-core has written Adam's names: RMSprop's
+        take those tensors."""
+        for param, state in optimizer.state.items():
+            for name, adam in self._aliases.items():
+                if loaded:
+                    state[name] = state[adam]
+                else:
+                    state[adam] = state[name]
+            if self._aliases and "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(param)
 
     def _optimizers(self) -> list:
         """megatron-core's optimizers: one per parameter kind (dense, experts)."""

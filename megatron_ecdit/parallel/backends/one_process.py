@@ -54,6 +54,12 @@ def state_names(cfg: OptimConfig) -> tuple[str, ...]:
     return ("square_avg",) + (("momentum_buffer",) if cfg.momentum else ())
 
 
+def format_suffix(cfg: OptimConfig) -> str:
+    """What `cfg.name` adds to a backend's checkpoint format (AdamW's formats have none), so
+    that optimizer state loads into the optimizer that saved it only."""
+    return "" if cfg.name == "adamw" else f"-{cfg.name}"
+
+
 def build_optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch_optimizer(cfg, param_groups(params, cfg.weight_decay))
 
@@ -73,7 +79,7 @@ class TorchOptimizer(WholeParameters):
         self.copies = [(p, main) for p, main in self.main.items() if main is not p]
         self.optimizer = build_optimizer(cfg, list(self.main.values()))
         self.grad_clip = cfg.grad_clip
-        self.checkpoint_format = "torch" + ("-bf16" if self.copies else "")
+        self.checkpoint_format = "torch" + ("-bf16" if self.copies else "") + format_suffix(cfg)
 
     def _main_weight(self, param: nn.Parameter) -> nn.Parameter:
         """An fp32 copy of `param`. Its gradient buffer is kept from step to step (megatron's
