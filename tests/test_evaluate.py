@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_ecdit.data.synthetic import COLORS, TASKS, draw_scene, render_scene
+from megatron_ecdit.data.synthetic import (COLORS, HELD_OUT_TASKS, TASKS, draw_scene,
+                                           held_out, render_scene)
 from megatron_ecdit.evaluation.geneval import (
     all_scenes,
     detect_objects,
@@ -108,6 +109,9 @@ def test_evaluation_prompts_file_is_the_generated_set(tmp_path):
     text = (ROOT / "examples/prompts/geneval_synthetic.jsonl").read_text()
     assert evaluate.main(["prompts", str(tmp_path / "p.jsonl")]) == 0
     assert (tmp_path / "p.jsonl").read_text() == text
+    assert evaluate.main(["prompts", str(tmp_path / "h.jsonl"), "--held-out"]) == 0
+    assert (tmp_path / "h.jsonl").read_text() == \
+        (ROOT / "examples/prompts/geneval_synthetic_held_out.jsonl").read_text()
     lines = text.splitlines()
     records = [json.loads(line) for line in lines]
     assert records == evaluation_prompts()
@@ -121,6 +125,29 @@ def test_the_prompt_vocabulary_is_every_caption_training_can_draw(scenes):
     vocabulary = {geneval_metadata(s)["prompt"] for t in TASKS for s in all_scenes(t)}
     assert len(vocabulary) == 3 + 6 + 36 + 12 + 288 + 72
     assert {caption for _, caption, _ in scenes} <= vocabulary
+
+
+def test_held_out_captions_are_never_drawn_and_their_words_are():
+    """A fixed part of the position and color_attr captions (42 of 288, 16 of 72) never
+    appears in the data, while every shape, colour and relation of theirs does, in other
+    compositions; the held-out prompt set holds only them, the standard set none."""
+    unseen = {t: {geneval_metadata(s)["prompt"] for s in all_scenes(t) if held_out(s)}
+              for t in TASKS}
+    assert {t: len(v) for t, v in unseen.items() if v} == {"position": 42, "color_attr": 16}
+    held = set().union(*unseen.values())
+    rng = random.Random("held out")
+    drawn = [render_scene(rng, 16) for _ in range(4000)]
+    captions = {caption for _, caption, _ in drawn}
+    assert not captions & held
+    for task in HELD_OUT_TASKS:  # the data still draws the task's other captions
+        seen = {c for (_, c, m) in drawn if m["task"] == task}
+        assert len(seen) >= 0.8 * (len(all_scenes(task)) - len(unseen[task])), task
+    words = {w for c in captions for w in c.split()}
+    assert {w for c in held for w in c.split()} <= words
+    held_out_set = evaluation_prompts(unseen=True)
+    assert {r["prompt"] for r in held_out_set} <= held
+    assert [r["tag"] for r in held_out_set] == [t for t in HELD_OUT_TASKS for _ in range(16)]
+    assert not {r["prompt"] for r in evaluation_prompts()} & held
 
 
 def write_folder(folder, scenes):

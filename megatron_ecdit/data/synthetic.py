@@ -3,7 +3,8 @@
 Every scene is a few saturated shapes on a white background, captioned for one of GenEval's six
 task types (single_object, two_objects, counting, colors, position, color_attr). The vocabulary
 is deliberately tiny (three shapes, four colours) so that a small model trained for minutes on a
-CPU at 32x32 pixels can learn it. Scenes are a pure function of a seed; shards are written with
+CPU at 32x32 pixels can learn it. A fixed fifth of the position and color_attr captions is
+never drawn (`held_out`), so that a model can be scored on compositions it never saw. Scenes are a pure function of a seed; shards are written with
 webdataset's TarWriter in img2dataset's layout (KEY.png, KEY.txt, KEY.json) and are
 byte-identical for the same seed. Each shard depends only on (seed, shard index), so shards can
 be written independently. The caption is always derived from the metadata by
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ BACKGROUND = (255, 255, 255)
 TASKS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
+HELD_OUT_TASKS = ("position", "color_attr")  # a fifth of their captions: see held_out()
 
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled with LANCZOS (antialiasing)
 
@@ -83,6 +86,20 @@ def render_scene(rng: random.Random | np.random.Generator,
     if isinstance(rng, np.random.Generator):
         rng = random.Random(int(rng.integers(2**63)))
     task = rng.choice(TASKS)
+    specs, relation = _objects(rng, task)
+    while held_out(dict(task=task, objects=[dict(shape=s, color=c) for s, c in specs],
+                        relation=relation)):
+        specs, relation = _objects(rng, task)
+    boxes = _layout(rng, len(specs), image_size, relation)
+    objects = [dict(shape=s, color=c, bbox=b) for (s, c), b in zip(specs, boxes)]
+    meta: dict[str, Any] = dict(task=task, objects=objects)
+    if relation is not None:
+        meta["relation"] = relation
+    return draw_scene(objects, image_size), caption_from_metadata(meta), meta
+
+
+def _objects(rng: random.Random, task: str) -> tuple[list[tuple[str, str]], str | None]:
+    """A scene's (shape, colour) pairs and, for position, the relation of object 0 to 1."""
     if task in ("single_object", "colors"):
         specs = [(rng.choice(SHAPES), rng.choice(list(COLORS)))]
     elif task == "counting":
@@ -95,14 +112,15 @@ def render_scene(rng: random.Random | np.random.Generator,
         else:
             colors = rng.sample(list(COLORS), 2)
         specs = list(zip(shapes, colors))
+    return specs, rng.choice(RELATIONS) if task == "position" else None
 
-    relation = rng.choice(RELATIONS) if task == "position" else None
-    boxes = _layout(rng, len(specs), image_size, relation)
-    objects = [dict(shape=s, color=c, bbox=b) for (s, c), b in zip(specs, boxes)]
-    meta: dict[str, Any] = dict(task=task, objects=objects)
-    if relation is not None:
-        meta["relation"] = relation
-    return draw_scene(objects, image_size), caption_from_metadata(meta), meta
+
+def held_out(meta: dict[str, Any]) -> bool:
+    """Whether a scene's caption is one of the fixed fifth of position and color_attr captions
+    (chosen by a CRC-32 of the caption, the same everywhere) that generated shards never hold:
+    examples/prompts/geneval_synthetic_held_out.jsonl scores text the model never saw."""
+    return (meta["task"] in HELD_OUT_TASKS
+            and zlib.crc32(caption_from_metadata(meta).encode()) % 5 == 0)
 
 
 def relation_of(a: list[int], b: list[int]) -> str | None:

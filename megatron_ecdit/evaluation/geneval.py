@@ -39,11 +39,13 @@ from skimage.measure import label, regionprops
 from megatron_ecdit.data.synthetic import (
     BACKGROUND,
     COLORS,
+    HELD_OUT_TASKS,
     NUMBER_WORDS,
     RELATIONS,
     SHAPES,
     TASKS,
     caption_from_metadata,
+    held_out,
 )
 
 # A region is an object when it is large and solid enough. The smallest rendered object covers
@@ -268,20 +270,23 @@ def all_scenes(task: str) -> list[dict[str, Any]]:
     raise ValueError(f"unknown task {task!r}")
 
 
-def evaluation_prompts(per_task: int = 16, seed: int = 0) -> list[dict[str, Any]]:
-    """The standard evaluation set: `per_task` GenEval metadata records for each task, distinct
-    prompts drawn without replacement where the task has that many, else every prompt in turn.
+def evaluation_prompts(per_task: int = 16, seed: int = 0,
+                       unseen: bool = False) -> list[dict[str, Any]]:
+    """An evaluation set: `per_task` GenEval metadata records for each task, distinct prompts
+    drawn without replacement where the task has that many, else every prompt in turn.
 
-    The prompts are not texts training never saw: the vocabulary has 417 captions (3
-    single_object, 6 two_objects, 36 counting, 12 colors, 288 position, 72 color_attr) and the
-    synthetic data draws from all of them, so the demo's 24,000 training samples contain
-    essentially every one. What is held out are the images: a model is scored on scenes it
-    generates from its own noise, against the prompt's rules rather than a training layout.
+    The standard set (examples/prompts/geneval_synthetic.jsonl) draws from the captions the
+    synthetic data draws: 359 of the 417 (3 single_object, 6 two_objects, 36 counting,
+    12 colors, and the 246 position and 56 color_attr captions not held out), so the demo's
+    8,000 training scenes contain essentially every one; what is new to the model are the
+    images, scored against the prompt's rules rather than a training layout. `unseen` draws
+    from the 58 held-out captions instead (synthetic.held_out: 42 position, 16 color_attr;
+    examples/prompts/geneval_synthetic_held_out.jsonl): text the model never trained on.
     """
-    rng = random.Random(f"megatron_ecdit.geneval/{seed}")
+    rng = random.Random(f"megatron_ecdit.geneval/{'held_out/' if unseen else ''}{seed}")
     records = []
-    for task in TASKS:
-        scenes = all_scenes(task)
+    for task in HELD_OUT_TASKS if unseen else TASKS:
+        scenes = [s for s in all_scenes(task) if held_out(s) == unseen]
         if len(scenes) >= per_task:
             chosen = rng.sample(scenes, per_task)
         else:

@@ -2,6 +2,7 @@
 
     ecdit-evaluate score samples/ [--metadata samples/metadata.jsonl] [--json]
     ecdit-evaluate prompts examples/prompts/geneval_synthetic.jsonl [--per-task 16] [--seed 0]
+    ecdit-evaluate prompts examples/prompts/geneval_synthetic_held_out.jsonl --held-out
 (or python tools/evaluate.py ...). `score` reads one GenEval metadata record per image, with
 its file under `image` (what ecdit-sample writes), and prints per-task accuracy and their mean.
 See megatron_ecdit/evaluation/geneval.py for the detector and the rules.
@@ -37,9 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     prompts.add_argument("out")
     prompts.add_argument("--per-task", type=int, default=16)
     prompts.add_argument("--seed", type=int, default=0)
+    prompts.add_argument("--held-out", action="store_true",
+                         help="the captions the synthetic data never draws (position and "
+                              "color_attr) instead of those it draws")
     args = parser.parse_args(argv)
     if args.command == "prompts":
-        records = evaluation_prompts(args.per_task, args.seed)
+        records = evaluation_prompts(args.per_task, args.seed, unseen=args.held_out)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in records))
         print(f"wrote {len(records)} prompts to {args.out}")
