@@ -12,16 +12,6 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def pytest_collection_modifyitems(config, items):
-    """scripts/test.sh runs two pytest-xdist workers (`--dist loadgroup`): each file's tests
-    stay on one worker, so a module's fixture (one launch of many jobs) runs once; the Slurm
-    files share one, as they share munged."""
-    for item in items:
-        name = item.path.stem
-        item.add_marker(pytest.mark.xdist_group("slurm" if name.startswith("test_slurm")
-                                                else name))
-
-
 @pytest.fixture(scope="session")
 def ctx():
     from megatron_ecdit.config import Config

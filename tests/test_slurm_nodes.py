@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_jobs import (LAUNCHER_VARIABLES, ended, logs, losses, start_now, wait,
-                        wait_for_rows)
+from slurm_jobs import (LAUNCHER_VARIABLES, ended, logs, losses, one_cluster_at_a_time,
+                        start_now, wait, wait_for_rows)
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = ["bash", str(ROOT / "scripts/slurm_local.sh")]
@@ -48,11 +48,12 @@ def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm-nodes")
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     env.update(SLURM_LOCAL_DIR=str(state / "slurm"), SLURM_CONF=str(state / "slurm-nodes/slurm.conf"))
-    start = subprocess.run([*SLURM_LOCAL, "start", "--nodes", "2"], env=env,
-                           capture_output=True, text=True, timeout=900)
-    assert start.returncode == 0, start.stdout + start.stderr
-    yield env
-    subprocess.run([*SLURM_LOCAL, "stop", "--nodes", "2"], env=env, timeout=60)
+    with one_cluster_at_a_time():
+        start = subprocess.run([*SLURM_LOCAL, "start", "--nodes", "2"], env=env,
+                               capture_output=True, text=True, timeout=900)
+        assert start.returncode == 0, start.stdout + start.stderr
+        yield env
+        subprocess.run([*SLURM_LOCAL, "stop", "--nodes", "2"], env=env, timeout=60)
 
 
 def overrides(root: Path, out: str) -> list[str]:

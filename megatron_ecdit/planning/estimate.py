@@ -336,11 +336,14 @@ def _communication(cfg: Config, lay: ParallelLayout, cluster: Cluster, s: act.Sh
         comm["pp"] = volume
         times["pp"] = volume / cluster.bandwidth(lay.world_size // lay.pp + 1)
     if lay.world_size > lay.pp * lay.tp or lay.expert_dp > 1:
-        # Reduce-scatter of fp32 gradients + all-gather of fp32 parameters (ZeRO-1), or an
-        # all-reduce (zero_stage 0): the same bytes per rank. Both groups span world / pp ranks.
-        # Counted so in either precision: under bf16 megatron-core gathers bf16 parameters and
-        # DeepSpeed communicates bf16 gradients, which this does not model yet.
-        volume = 4 * p.dense * ring(lay.dp) + 4 * p.expert * ring(lay.expert_dp)
+        # megatron-core's distributed optimizer: a reduce-scatter of fp32 gradients, then an
+        # all-gather of the updated parameters in their dtype (bf16 under bf16), each sending
+        # half an all-reduce's bytes; zero_stage 0 all-reduces fp32 gradients. Both groups span
+        # world / pp ranks. DeepSpeed is counted as fp32 both ways (its bf16 gradient
+        # communication is not modelled).
+        gathered = s.compute_bytes if lay.zero == "megatron" and lay.zero_stage >= 1 else 4
+        per_param = (4 + gathered) / 2  # bytes per parameter per all-reduce's worth
+        volume = per_param * (p.dense * ring(lay.dp) + p.expert * ring(lay.expert_dp))
         comm["dp"] = volume
         times["dp"] = volume / cluster.bandwidth(lay.world_size // lay.pp)
     return comm, times
