@@ -33,7 +33,7 @@ setup(
         "scikit-image",  # the GenEval-style detector (evaluation/geneval.py)
     ],
     # apex and Transformer Engine are optional: megatron-core uses them when present.
-    extras_require={"test": ["pytest", "pytest-xdist"]},
+    extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": [
         "ecdit-convert=megatron_ecdit.tools.convert_checkpoint:main",
         "ecdit-inspect=megatron_ecdit.tools.inspect_checkpoint:main",

@@ -1,8 +1,6 @@
 """Submitting and following jobs on the local Slurm of scripts/slurm_local.sh, for
 tests/test_slurm.py (one node) and tests/test_slurm_nodes.py (several)."""
 
-import contextlib
-import fcntl
 import json
 import subprocess
 import time
@@ -12,15 +10,6 @@ from pathlib import Path
 # jobs: sbatch exports the environment, and an inherited MASTER_PORT is taken.
 LAUNCHER_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                       "LOCAL_WORLD_SIZE"}
-
-
-@contextlib.contextmanager
-def one_cluster_at_a_time():
-    """Held while a test module's cluster is up: scripts/test.sh runs two test files at once,
-    and the one-node and several-node clusters share munged (and apt, when installing)."""
-    with open("/tmp/megatron_ecdit-slurm-tests.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def job_info(env: dict, job: str) -> dict[str, str]:

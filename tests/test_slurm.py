@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_jobs import (LAUNCHER_VARIABLES, ended, logs, losses, one_cluster_at_a_time,
-                        start_now, wait, wait_for_rows)
+from slurm_jobs import (LAUNCHER_VARIABLES, ended, logs, losses, start_now, wait,
+                        wait_for_rows)
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "examples/slurm/pretrain_ecdit.sbatch"
@@ -35,13 +35,11 @@ def slurm(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm-state")
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     env.update(SLURM_LOCAL_DIR=str(state), SLURM_CONF=str(state / "slurm.conf"))
-    with one_cluster_at_a_time():
-        start = subprocess.run(["bash", str(ROOT / "scripts/slurm_local.sh"), "start"],
-                               env=env, capture_output=True, text=True, timeout=900)
-        assert start.returncode == 0, start.stdout + start.stderr
-        yield env
-        subprocess.run(["bash", str(ROOT / "scripts/slurm_local.sh"), "stop"], env=env,
-                       timeout=60)
+    start = subprocess.run(["bash", str(ROOT / "scripts/slurm_local.sh"), "start"], env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert start.returncode == 0, start.stdout + start.stderr
+    yield env
+    subprocess.run(["bash", str(ROOT / "scripts/slurm_local.sh"), "stop"], env=env, timeout=60)
 
 
 def overrides(root: Path, out: str) -> list[str]:

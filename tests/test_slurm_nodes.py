@@ -21,14 +21,16 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_jobs import (LAUNCHER_VARIABLES, ended, logs, losses, one_cluster_at_a_time,
-                        start_now, wait, wait_for_rows)
+from slurm_jobs import (LAUNCHER_VARIABLES, ended, logs, losses, start_now, wait,
+                        wait_for_rows)
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = ["bash", str(ROOT / "scripts/slurm_local.sh")]
 SBATCH = ROOT / "examples/slurm/pretrain_ecdit.sbatch"
 STEPS = 30
-HANG_S, COLLECTIVE_S, MARGIN_S = 12, 30, 30
+# With room for a loaded machine (with another test suite beside it a save took over 12 s);
+# the watchdog still comes first for a stopped rank.
+HANG_S, COLLECTIVE_S, MARGIN_S = 20, 60, 30
 MARK = "# megatron_ecdit virtual node"
 
 
@@ -48,12 +50,11 @@ def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm-nodes")
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     env.update(SLURM_LOCAL_DIR=str(state / "slurm"), SLURM_CONF=str(state / "slurm-nodes/slurm.conf"))
-    with one_cluster_at_a_time():
-        start = subprocess.run([*SLURM_LOCAL, "start", "--nodes", "2"], env=env,
-                               capture_output=True, text=True, timeout=900)
-        assert start.returncode == 0, start.stdout + start.stderr
-        yield env
-        subprocess.run([*SLURM_LOCAL, "stop", "--nodes", "2"], env=env, timeout=60)
+    start = subprocess.run([*SLURM_LOCAL, "start", "--nodes", "2"], env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert start.returncode == 0, start.stdout + start.stderr
+    yield env
+    subprocess.run([*SLURM_LOCAL, "stop", "--nodes", "2"], env=env, timeout=60)
 
 
 def overrides(root: Path, out: str) -> list[str]:
