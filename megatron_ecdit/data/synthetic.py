@@ -3,12 +3,13 @@
 Every scene is a few saturated shapes on a white background, captioned for one of GenEval's six
 task types (single_object, two_objects, counting, colors, position, color_attr). The vocabulary
 is deliberately tiny (three shapes, four colours) so that a small model trained for minutes on a
-CPU at 32x32 pixels can learn it. A fixed fifth of the position and color_attr captions is
-never drawn (`held_out`), so that a model can be scored on compositions it never saw. Scenes are a pure function of a seed; shards are written with
-webdataset's TarWriter in img2dataset's layout (KEY.png, KEY.txt, KEY.json) and are
-byte-identical for the same seed. Each shard depends only on (seed, shard index), so shards can
-be written independently. The caption is always derived from the metadata by
-`caption_from_metadata`, so the two cannot disagree.
+CPU at 32x32 pixels can learn it. A fixed part of the position and color_attr captions (about a
+fifth) is never drawn (`held_out`), so that a model can be scored on compositions it never saw.
+Scenes are a pure function of a seed; shards are written with webdataset's TarWriter in
+img2dataset's layout (KEY.png, KEY.txt, KEY.json) and are byte-identical for the same seed.
+Each shard depends only on (seed, shard index), so shards can be written independently. The
+caption is always derived from the metadata by `caption_from_metadata`, so the two cannot
+disagree.
 
 This module does not read shards (see shards.py), does not score generated images, and does not
 try to look like photographs: no textures, occlusion, rotation or background clutter.
@@ -38,7 +39,7 @@ BACKGROUND = (255, 255, 255)
 TASKS = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
-HELD_OUT_TASKS = ("position", "color_attr")  # a fifth of their captions: see held_out()
+HELD_OUT_TASKS = ("position", "color_attr")  # part of their captions: see held_out()
 
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled with LANCZOS (antialiasing)
 
@@ -116,8 +117,8 @@ def _objects(rng: random.Random, task: str) -> tuple[list[tuple[str, str]], str 
 
 
 def held_out(meta: dict[str, Any]) -> bool:
-    """Whether a scene's caption is one of the fixed fifth of position and color_attr captions
-    (chosen by a CRC-32 of the caption, the same everywhere) that generated shards never hold:
+    """Whether a scene's caption is one of the position and color_attr captions (42 of 288, 16
+    of 72: a CRC-32 of the caption, the same everywhere) that generated shards never hold:
     examples/prompts/geneval_synthetic_held_out.jsonl scores text the model never saw."""
     return (meta["task"] in HELD_OUT_TASKS
             and zlib.crc32(caption_from_metadata(meta).encode()) % 5 == 0)
