@@ -12,9 +12,12 @@ Each rank writes OUT/io/rank<R>.json with (first_* for the first save)
                                    included; the first load also counts the modules Python
                                    imports on the way)
   load_seconds, loaded_step
+  config                           the job's config, as it derived and resolved it
 The bytes each rank wrote are its files in the checkpoint (`__<rank>_<n>.distcp`), counted by
 the test.
 """
+
+from __future__ import annotations
 
 import json
 import os
@@ -26,10 +29,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch.distributed as dist  # noqa: E402
+# megatron-core's checkpoint writer starts a helper process by spawn, which imports this
+# script again as __mp_main__: it needs none of what follows (torch and megatron-core take
+# seconds to import, on every rank's first save).
+if __name__ != "__mp_main__":
+    import torch.distributed as dist  # noqa: E402
 
-import check_checkpoints as cc  # noqa: E402
-from megatron_ecdit.training.trainer import Job  # noqa: E402
+    import check_checkpoints as cc  # noqa: E402
+    from megatron_ecdit.training.trainer import Job  # noqa: E402
 
 
 def status_kib(field: str) -> int:
@@ -73,6 +80,7 @@ def main() -> None:
         job.ema.update(job.model)
         report = {f"first_{k}": v for k, v in report.items()} if step == 2 else {}
         report.update(measured_save(job, step))
+    report["config"] = job.cfg.to_dict()  # as the job derived and resolved it
     job.checkpointer.close()
     del job
     for _ in range(2):

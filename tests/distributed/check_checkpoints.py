@@ -17,6 +17,8 @@
         folder rank 0 chose (every rank must stop with one error naming rank 1)
 """
 
+from __future__ import annotations
+
 import json
 import os
 import shutil
@@ -27,19 +29,23 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+# megatron-core's checkpoint writer starts a helper process by spawn, which imports this
+# script again as __mp_main__: it needs none of what follows (torch and megatron-core take
+# seconds to import, on every rank's first save).
+if __name__ != "__mp_main__":
+    import numpy as np  # noqa: E402
+    import torch  # noqa: E402
+    import torch.distributed as dist  # noqa: E402
 
-from megatron_ecdit.config import load_config  # noqa: E402
-from megatron_ecdit.training.trainer import Job, train  # noqa: E402
+    from megatron_ecdit.config import load_config  # noqa: E402
+    from megatron_ecdit.training.trainer import Job, train  # noqa: E402
 
 TINY = ["model.hidden_size=32", "model.num_layers=4", "model.num_heads=2",
         "model.num_kv_heads=2", "moe.num_experts=4", "data.image_size=16",
         "train.micro_batch_size=2", "train.progress=false", "train.tensorboard=false",
         "train.log_interval=1", "train.steps=4", "checkpoint.save_interval=2",
         "checkpoint.keep_last=3", "optim.warmup_steps=1", "diffusion.sample_steps=2",
-        "train.sample_prompts=['a red circle']", "train.compute_map_prompts=1"]
+        "train.sample_prompts=['a red circle']", "train.compute_map_prompts=0"]
 
 
 def config(out: Path, overrides: list[str]):
@@ -48,30 +54,30 @@ def config(out: Path, overrides: list[str]):
                                   f"data.urls={data}/{{000000..000003}}.tar", *overrides])
 
 
-@torch.no_grad()
 def outputs(job: Job) -> dict[str, np.ndarray]:
     """Predictions on fixed inputs with the raw and the EMA weights (every rank, same inputs)."""
-    m = job.cfg.model
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(4, m.in_channels, m.input_size, m.input_size, generator=g)
-    t = torch.rand(4, generator=g)
-    text = torch.randn(4, 5, m.text_dim, generator=g)
-    mask = torch.ones(4, 5, dtype=torch.bool)
-    mask[1, 2:] = False
+    with torch.no_grad():
+        m = job.cfg.model
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(4, m.in_channels, m.input_size, m.input_size, generator=g)
+        t = torch.rand(4, generator=g)
+        text = torch.randn(4, 5, m.text_dim, generator=g)
+        mask = torch.ones(4, 5, dtype=torch.bool)
+        mask[1, 2:] = False
 
-    def predict():
-        job.model.eval()
-        if job.pipeline is not None:
-            pred = job.pipeline.predict((x, t, text, mask, None), x.shape)
-        else:
-            pred = job.model(x, t, text, mask).prediction
-        job.model.train()
-        return pred.float().numpy()
+        def predict():
+            job.model.eval()
+            if job.pipeline is not None:
+                pred = job.pipeline.predict((x, t, text, mask, None), x.shape)
+            else:
+                pred = job.model(x, t, text, mask).prediction
+            job.model.train()
+            return pred.float().numpy()
 
-    raw = predict()
-    with job.ema.applied(job.model):
-        ema = predict()
-    return {"model": raw, "ema": ema}
+        raw = predict()
+        with job.ema.applied(job.model):
+            ema = predict()
+        return {"model": raw, "ema": ema}
 
 
 def compare(ours: dict, ref_path: str, against=None) -> dict[str, float]:

@@ -20,13 +20,17 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+# megatron-core's checkpoint writer starts a helper process by spawn, which imports this
+# script again as __mp_main__: it needs none of what follows (torch and megatron-core take
+# seconds to import, on every rank's first save).
+if __name__ != "__mp_main__":
+    import torch  # noqa: E402
+    import torch.distributed as dist  # noqa: E402
 
-from megatron_ecdit.checkpoint.consolidated import meta_model, write_config  # noqa: E402
-from megatron_ecdit.checkpoint.exported import (TensorSpec, WeightsFolder,  # noqa: E402
-                                                staged, write_shards)
-from megatron_ecdit.config import load_config  # noqa: E402
+    from megatron_ecdit.checkpoint.consolidated import meta_model, write_config  # noqa: E402
+    from megatron_ecdit.checkpoint.exported import (TensorSpec, WeightsFolder,  # noqa: E402
+                                                    staged, write_shards)
+    from megatron_ecdit.config import load_config  # noqa: E402
 
 # XL width (Table 1), experts on every other block, pixel space: 0.98 GB of fp32 weights per 4
 # blocks; the largest tensor (8 experts' w1) is 170 MB.

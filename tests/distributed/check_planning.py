@@ -20,6 +20,8 @@ under gloo. Prints one `RESULT {json}` line per check on rank 0, with every rank
                 model states afterwards, per rank, for the test to hold against the plan
 """
 
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import json
@@ -32,24 +34,28 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from megatron.core import parallel_state as ps  # noqa: E402
+# megatron-core's checkpoint writer starts a helper process by spawn, which imports this
+# script again as __mp_main__: it needs none of what follows (torch and megatron-core take
+# seconds to import, on every rank's first save).
+if __name__ != "__mp_main__":
+    import torch  # noqa: E402
+    import torch.distributed as dist  # noqa: E402
+    from megatron.core import parallel_state as ps  # noqa: E402
 
-from megatron_ecdit.checkpoint.consolidated import DTYPES  # noqa: E402
-from megatron_ecdit.config import load_config  # noqa: E402
-from megatron_ecdit.diffusion.rectified_flow import flow_matching_loss  # noqa: E402
-from megatron_ecdit.models.ecdit import ECDiT, ECDiTBlock, stage_chunks  # noqa: E402
-from megatron_ecdit.parallel.backends.megatron_ddp import MegatronZeRO  # noqa: E402
-from megatron_ecdit.parallel.layout import ParallelLayout  # noqa: E402
-from megatron_ecdit.parallel.pipeline import PipelineRunner  # noqa: E402
-from megatron_ecdit.parallel.setup import initialize_parallel, world_size  # noqa: E402
-from megatron_ecdit.parallel.sharding import initialize  # noqa: E402
-from megatron_ecdit.planning import activations as act  # noqa: E402
-from megatron_ecdit.planning.estimate import Cluster, Run, estimate  # noqa: E402
-from megatron_ecdit.planning.measure import SavedBytes  # noqa: E402
-from megatron_ecdit.training.optim import learning_rate  # noqa: E402
-from megatron_ecdit.training.trainer import Job  # noqa: E402
+    from megatron_ecdit.checkpoint.consolidated import DTYPES  # noqa: E402
+    from megatron_ecdit.config import load_config  # noqa: E402
+    from megatron_ecdit.diffusion.rectified_flow import flow_matching_loss  # noqa: E402
+    from megatron_ecdit.models.ecdit import ECDiT, ECDiTBlock, stage_chunks  # noqa: E402
+    from megatron_ecdit.parallel.backends.megatron_ddp import MegatronZeRO  # noqa: E402
+    from megatron_ecdit.parallel.layout import ParallelLayout  # noqa: E402
+    from megatron_ecdit.parallel.pipeline import PipelineRunner  # noqa: E402
+    from megatron_ecdit.parallel.setup import initialize_parallel, world_size  # noqa: E402
+    from megatron_ecdit.parallel.sharding import initialize  # noqa: E402
+    from megatron_ecdit.planning import activations as act  # noqa: E402
+    from megatron_ecdit.planning.estimate import Cluster, Run, estimate  # noqa: E402
+    from megatron_ecdit.planning.measure import SavedBytes  # noqa: E402
+    from megatron_ecdit.training.optim import learning_rate  # noqa: E402
+    from megatron_ecdit.training.trainer import Job  # noqa: E402
 
 MODEL = ["model.hidden_size=64", "model.num_layers=4", "model.num_heads=4",
          "model.num_kv_heads=2", "model.input_size=16", "model.patch_size=2",

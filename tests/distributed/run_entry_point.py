@@ -21,9 +21,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pretrain_ecdit  # noqa: E402
-import torch  # noqa: E402
-from megatron_ecdit.tools import convert_checkpoint, sample_ecdit  # noqa: E402
+# megatron-core's checkpoint writer starts a helper process by spawn, which imports this
+# script again as __mp_main__: it needs none of what follows (torch and megatron-core take
+# seconds to import, on every rank's first save).
+if __name__ != "__mp_main__":
+    import pretrain_ecdit  # noqa: E402
+    import torch  # noqa: E402
+    from megatron_ecdit.tools import convert_checkpoint, sample_ecdit  # noqa: E402
 
 
 def main() -> int:
