@@ -5,8 +5,7 @@
   from each rank's files `__<rank>_<n>.distcp`); a load reads the checkpoint about once (the
   bytes through read() during a load, /proc/self/io's rchar, summed over ranks <= 1.3x the
   files); a save adds at most 1.5x what a rank writes (+ 32 MB) to its peak memory.
-- The planner's checkpoint figures for the demo at 4 and 8 ranks equal the files per rank
-  within 5%.
+- The planner's checkpoint figures for both runs equal the files per rank within 5%.
 - A full file system (a small tmpfs, as root): one line that says so, exit 1, nothing left
   behind, `latest` at the previous checkpoint, and a resume once there is space. A crash in the
   middle of a save leaves nothing once a later save completes. Ranks handed another `latest`
@@ -28,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
 import check_checkpoints as cc  # noqa: E402
 from conftest import run_in_own_session  # noqa: E402
 from megatron_ecdit.checkpoint import distributed  # noqa: E402
-from megatron_ecdit.config import load_config  # noqa: E402
 from megatron_ecdit.parallel.layout import ParallelLayout  # noqa: E402
 from megatron_ecdit.planning.checkpoints import Storage, checkpoint_plan  # noqa: E402
 from megatron_ecdit.planning.params import rank_params  # noqa: E402
@@ -109,29 +107,21 @@ def test_a_save_adds_little_memory(io, name):
         assert r["save_wchar"] >= 0.9 * written[rank]  # the counters see the writes
 
 
-@pytest.mark.parametrize("nproc,layout", [(4, ["parallel.ep=4"]),
-                                          (8, ["parallel.tp=2", "parallel.pp=2"])])
-def test_the_planner_predicts_the_bytes_each_rank_writes(tmp_path, nproc, layout):
-    """The demo's config, saved after one step through the entry point."""
-    data = tmp_path / "data"
-    args = ["--config", ROOT / "examples/configs/demo.yaml", f"train.output_dir={tmp_path}",
-            "train.steps=1", f"data.urls={data}/{{000000..000003}}.tar",
-            "data.samples_per_shard=16", "train.micro_batch_size=4", "train.progress=false",
-            "train.tensorboard=false", "diffusion.sample_steps=1",
-            "train.sample_prompts=['a red circle']", "train.compute_map_prompts=1", *layout]
-    torchrun(nproc, ROOT / "pretrain_ecdit.py", *args)
-    checkpoint = tmp_path / "checkpoints" / "step_0000001"
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_the_planner_predicts_the_bytes_each_rank_writes(io, name):
+    """The second save of each 8-rank run above, against `checkpoint_plan` for its config."""
+    checkpoint, reports = io[name]
     written = rank_files(checkpoint)
-    cfg = load_config(ROOT / "examples/configs/demo.yaml", layout)
-    saved = json.loads((tmp_path / "config.json").read_text())
+    cfg = cc.config(checkpoint.parent.parent, [*MODEL, *LAYOUTS[name]])
+    saved = reports[0]["config"]
     for key in ("in_channels", "input_size", "text_dim"):  # as the job derived them
         setattr(cfg.model, key, saved["model"][key])
-    cfg.train.precision = saved["train"]["precision"]  # the demo's auto, as the job resolved it
-    lay = ParallelLayout.build(cfg, nproc)
+    cfg.train.precision = saved["train"]["precision"]
+    lay = ParallelLayout.build(cfg, 8)
     stages = [rank_params(cfg.model, cfg.moe, tp=lay.tp, pp=lay.pp, vpp=lay.vpp, ep=lay.ep,
                           etp=lay.etp, pp_rank=r) for r in range(lay.pp)]
     plan = checkpoint_plan(lay, stages, cfg.train.precision, 8, Storage(), 1.0)
-    per_stage = nproc // lay.pp
+    per_stage = 8 // lay.pp
     for rank, size in written.items():
         predicted = plan.rank_bytes[rank // per_stage]
         assert abs(size - predicted) <= 0.05 * size, (rank, size, predicted)

@@ -45,6 +45,7 @@ BF16 = ["train.precision=bf16"]
 # process.
 RMSPROP = ["optim.name=rmsprop", "optim.lr=1e-3", "optim.weight_decay=0.1"]
 HALF = f"checkpoint.save_interval={STEPS // 2}"  # for the resumed runs
+NO_MAP = ["train.compute_map_prompts=0"]  # only the layout runs draw their compute map
 # bf16 layouts against bf16 references sum in another order and round to 8 bits: measured up
 # to 3e-4 (losses) and 9e-4 (gradient norms); bf16 against fp32 1.5e-3.
 BF16_TOL = 5e-3
@@ -81,7 +82,6 @@ LAYOUTS = {  # name: (processes, overrides, reference)
     "DeepSpeed-ZeRO3-DP2": (2, [*DS3, HALF], "DP2"),
     "DeepSpeed-ZeRO3-TP2xDP2": (4, ["parallel.tp=2", *DS3], "DP2"),
     "TP2+SP-compile": (2, ["parallel.tp=2", "parallel.sp=true", "train.compile=true"], "one"),
-    "PP2-compile": (2, ["parallel.pp=2", "train.compile=true"], "one"),
     "EP2-compile": (2, ["parallel.ep=2", "train.compile=true"], "DP2"),
     "DeepSpeed-ZeRO1-DP2-compile": (2, ["parallel.zero=deepspeed", "parallel.zero_stage=1",
                                         "train.compile=true"], "DP2"),
@@ -134,7 +134,6 @@ NONFINITE = {  # name: (processes, overrides)
     "one": (1, []),
     "DP2": (2, []),
     "TP2": (2, ["parallel.tp=2"]),
-    "PP2": (2, ["parallel.pp=2"]),
     "DeepSpeed-ZeRO2-DP2": (2, DS2),
 }
 NAN_STEP, NAN_STEPS = 3, 4
@@ -190,33 +189,34 @@ def runs(tmp_path_factory):
     for name, (n, overrides) in FINETUNE.items():
         out["finetune"][name] = root / "finetune" / name
         jobs[n].append(["train", *common(out["finetune"][name], data), "train.steps=3",
-                        f"train.resume={start}", *overrides])
+                        f"train.resume={start}", *overrides, *NO_MAP])
     for name, (n, overrides) in TINY_STEP_AFTER_IMPORT.items():
         out["tiny"][name] = root / "tiny" / name
         jobs[n].append(["train", *common(out["tiny"][name], data), "train.steps=1",
-                        f"train.resume={start}", *TINY_LR, *overrides])
+                        f"train.resume={start}", *TINY_LR, *overrides, *NO_MAP])
     late: dict[int, list] = {1: [], 2: [], 4: []}  # after every layout run has finished
     for name, (n, overrides, source) in CROSS_BACKEND.items():
         out["cross"][name] = root / "cross" / name
         resume = out["layout"][source] / "checkpoints" / f"step_{STEPS:07d}"
         late[n].append(["train", *common(out["cross"][name], data), f"train.steps={STEPS + 1}",
-                        f"train.resume={resume}", *TINY_LR, *overrides])
+                        f"train.resume={resume}", *TINY_LR, *overrides, *NO_MAP])
     for name in RESUMED:
         n, overrides, _ = LAYOUTS[name]
         out["resumed"][name] = root / "resumed" / name
         half = out["layout"][name] / "checkpoints" / f"step_{STEPS // 2:07d}"
         jobs[n].append(["train", *common(out["resumed"][name], data), f"train.steps={STEPS}",
-                        f"train.resume={half}", *overrides])
+                        f"train.resume={half}", *overrides, *NO_MAP])
     for name, (n, overrides) in NONFINITE.items():
         out["nan"][name] = root / "nan" / name
         jobs[n].append(["train", *common(out["nan"][name], data), f"train.steps={NAN_STEPS}",
-                        *NAN, *overrides])
+                        *NAN, *overrides, *NO_MAP])
         out["nan-resumed"][name] = root / "nan-resumed" / name  # from the skipped step's save
         skipped = out["nan"][name] / "checkpoints" / f"step_{NAN_STEP:07d}"
         jobs[n].append(["train", *common(out["nan-resumed"][name], data),
-                        f"train.steps={NAN_STEPS}", f"train.resume={skipped}", *NAN, *overrides])
+                        f"train.steps={NAN_STEPS}", f"train.resume={skipped}", *NAN, *overrides,
+                        *NO_MAP])
     out["nan-stop"] = root / "nan-stop"
-    jobs[2].append(["fails", *common(out["nan-stop"], data), "train.steps=6", *NAN_STOP])
+    jobs[2].append(["fails", *common(out["nan-stop"], data), "train.steps=6", *NAN_STOP, *NO_MAP])
     # ecdit-sample from a TP2xEP2 checkpoint: under torchrun at its layout, in one process,
     # and from its export (the raw weights, which the export holds)
     source = str(out["layout"]["TP2xEP2"] / "checkpoints" / f"step_{STEPS:07d}")
