@@ -151,6 +151,42 @@ def test_planner_never_recommends_a_layout_the_job_refuses():
     assert fitting and all(ParallelLayout.build(_as_config(cfg, e), 8) for e in fitting[:20])
 
 
+def test_gradient_buckets_hide_behind_the_last_backward_only_where_the_job_overlaps():
+    """XL-8E on 2 nodes at PP1 (megatron ZeRO-1): the planner overlaps the gradient reduction,
+    the same layout with overlap off pays all of it; what is hidden plus what stays exposed is
+    the reduction's link time, the parameter all-gather and the last bucket stay exposed, and
+    no more hides than the last micro-batch's backward. At PP2 nothing overlaps, and the output
+    says why each kind of traffic is exposed."""
+    from megatron_ecdit.planning.estimate import EXPOSED, Cluster, Run, estimate
+    from megatron_ecdit.planning.search import plan
+    cfg, cluster = plan_layout.paper_config("XL-8E"), Cluster(2)
+    fitting, _ = plan(cfg, cluster, 256, fixed={"pp": 1, "zero": "megatron", "zero_stage": 1})
+    on = fitting[0]
+    assert on.layout.overlap_grad_reduce and all(e.layout.overlap_grad_reduce for e in fitting)
+    trial = _as_config(cfg, on)
+    trial.parallel.overlap_grad_reduce = False
+    off = estimate(trial, ParallelLayout.build(trial, 16), cluster,
+                   Run(256, on.run.micro_batch, "bf16"))
+    assert off.hidden == {} and off.why_exposed["dp"].startswith(EXPOSED["dp_off"])
+    total = off.times["dp"]
+    assert on.times["dp"] + on.hidden["dp"] == pytest.approx(total, rel=1e-12)
+    assert 0 < on.hidden["dp"] and on.step_time < off.step_time
+    gather = total * 2 / (4 + 2)  # bf16 parameters gathered, fp32 gradients reduced
+    backward = ((on.times["compute"] + on.times.get("tp", 0))
+                * (1 - on.model_flops / 3 / on.flops))  # a recomputed forward counts
+    assert on.times["dp"] >= gather + (total - gather) / 64  # never more than 64 buckets here
+    assert on.hidden["dp"] <= backward / on.num_microbatches
+    assert on.why_exposed["dp"].startswith(EXPOSED["dp_buckets"])
+    assert EXPOSED["dp_gather"] in on.why_exposed["dp"]
+
+    piped, _ = plan(cfg, cluster, 256, fixed={"pp": 2})
+    assert piped and not any(e.layout.overlap_grad_reduce or e.hidden for e in piped)
+    best = piped[0]
+    assert best.why_exposed["dp"].startswith(EXPOSED["dp_pp"])
+    communication = {k for k in best.times if k not in ("compute", "pipeline_bubble")}
+    assert set(best.why_exposed) == communication and "pp" in communication
+
+
 def test_node_sweep_gives_each_size_s_best_plan_and_its_scaling(capsys):
     """`--sweep-nodes` (the demo's model on nodes of 2 small GPUs): each size's row is plan()'s
     best at that size, its images/s, GPU-hours and scaling follow from its step time, and the

@@ -24,10 +24,16 @@ P_dense / DP + P_expert / EDP, what ZeRO shards):
 The worst pipeline stage decides.
 
 Time: compute at peak x an efficiency that grows with the rows of a GEMM (tokens per expert
-per GEMM caps the expert GEMMs), plus TP, EP and PP traffic on the critical path, the pipeline
-bubble, and the data-parallel gradient reduction (not overlapped: the job runs megatron-core's
-DDP without overlap). Links: NVLink inside a node, a stated bandwidth between nodes; a group
-whose ranks span nodes runs at the inter-node rate. Every constant is in `Cluster` and printed.
+per GEMM caps the expert GEMMs), plus the communication left exposed, the pipeline bubble.
+What overlaps is what the job overlaps: with `parallel.overlap_grad_reduce` (PP = 1 only) the
+gradient buckets (megatron-core's: max(40M, 1M x DP) parameters; DeepSpeed's: 5e8) are reduced
+while the last micro-batch's backward runs; bucket i is ready at i / n of it, the last one only
+at its end, so max(R / n, R - B (n - 1) / n) of a reduction R stays exposed behind a backward
+B (its compute and TP traffic; not its expert all-to-alls, which share the inter-node links). Everything else is on the critical path, each for its reason (`EXPOSED`): TP and EP
+collectives feed the next GEMM, a pipeline stage waits for its input, the distributed
+optimizer's parameter all-gather runs after the step. Links: NVLink inside a node, a stated
+bandwidth between nodes; a group whose ranks span nodes runs at the inter-node rate. Every
+constant is in `Cluster` and printed.
 The checkpoint's size, bytes per rank and save time: planning/checkpoints.py.
 """
 
@@ -45,6 +51,19 @@ from megatron_ecdit.planning.params import ParamCount, rank_params
 
 GiB = 1024 ** 3
 DEEPSPEED_BUCKET = 500_000_000  # elements: DeepSpeed's default reduce and all-gather buckets
+# Why each kind of traffic sits on the critical path in the job as it is.
+EXPOSED = {
+    "tp": "each TP all-reduce (all-gather, reduce-scatter under SP) feeds the next GEMM",
+    "ep": "the dispatch all-to-all feeds the experts, the combine the next block",
+    "pp": "a stage waits for its input and its output gradient (1F1B)",
+    "dp_gather": "the distributed optimizer's parameter all-gather runs after the step "
+                 "(overlap_param_gather is not built: the EMA reads every parameter then)",
+    "dp_pp": "overlap_grad_reduce needs parallel.pp = 1 (the conditioning embedders replicated "
+             "on every stage are summed over the pipeline before the data-parallel reduction)",
+    "dp_off": "parallel.overlap_grad_reduce is off",
+    "dp_buckets": "the last gradient bucket is ready only when the backward ends, and the "
+                  "backward of the last micro-batch is shorter than the rest of the reduction",
+}
 PRECISION = {"fp32": "fp32 parameters, activations, gradients, Adam moments and EMA",
              "bf16": "bf16 parameters and activations (megatron-style mixed precision); fp32 "
                      "main weights, gradients, Adam moments and EMA"}
@@ -82,7 +101,8 @@ class Cluster:
                 f"{self.max_gemm_efficiency:g} x r / (r + {self.half_efficiency_rows}) of peak",
                 f"links: {self.nvlink_gb_s:g} GB/s per GPU inside a node (NVLink), "
                 f"{self.internode_gb_s:g} GB/s per GPU between nodes; a group spanning nodes "
-                "runs at the inter-node rate; no overlap of communication with compute",
+                "runs at the inter-node rate; only gradient buckets overlap compute (the last "
+                "micro-batch's backward, under overlap_grad_reduce)",
                 PRECISION[precision] + "; rank order tp-ep-dp-pp (megatron-core)",
                 self.storage.describe()]
 
@@ -109,10 +129,12 @@ class Estimate:
     flops: float  # executed per step, all GPUs (recompute included)
     model_flops: float  # 3 x forward per step, all GPUs
     comm: dict[str, float]  # bytes sent per GPU per step
-    times: dict[str, float]  # seconds per step, itemised
+    times: dict[str, float]  # seconds per step on the critical path, itemised (exposed)
     expert_gemm_rows: int  # tokens per expert per GEMM
     peak_flops: float  # per GPU, FLOP/s
     checkpoint: CheckpointPlan
+    hidden: dict[str, float] = dataclasses.field(default_factory=dict)  # s behind compute
+    why_exposed: dict[str, str] = dataclasses.field(default_factory=dict)  # kind: reason
     fits: bool = True
 
     @property
@@ -223,18 +245,59 @@ def estimate(cfg: Config, layout: ParallelLayout, cluster: Cluster, run: Run) ->
                + (per_gpu * expert_share / (peak * cluster.efficiency(rows_expert))
                   if rows_expert else 0.0))
 
-    # ---- communication per GPU per step, and its time
+    # ---- communication per GPU per step, its time, and what of it compute hides
     comm, times = _communication(cfg, lay, cluster, shape, nmb, params, factors)
     bubble = (lay.pp - 1) / (lay.vpp * nmb) if lay.pp > 1 else 0.0
     times = {"compute": compute, **times}
     on_path = compute + times.get("tp", 0) + times.get("ep", 0) + times.get("pp", 0)
+    hidden, why = {}, {k: EXPOSED[k] for k in ("tp", "ep", "pp") if k in times}
+    if "dp" in times:
+        # the last micro-batch's backward: its compute and TP traffic (NVLink); the expert
+        # all-to-alls would share the inter-node links with the buckets
+        backward = (compute + times.get("tp", 0)) * (1 - model_flops / 3 / flops) / nmb
+        times["dp"], hid, why["dp"] = _data_parallel_exposed(lay, params, times["dp"],
+                                                             backward, run.precision)
+        hidden = {"dp": hid} if hid else {}
     times["pipeline_bubble"] = on_path * bubble
     ckpt = checkpoint_plan(lay, stages, run.precision, cluster.gpus_per_node, cluster.storage,
                            sum(times.values()))
     est = Estimate(lay, run, nmb, params, memory, flops, model_flops, comm, times, rows_expert,
-                   peak, ckpt)
+                   peak, ckpt, hidden, why)
     est.fits = est.memory_total <= cluster.gpu_memory_gib * GiB
     return est
+
+
+def _data_parallel_exposed(lay: ParallelLayout, p: ParamCount, total: float, backward: float,
+                           precision: str) -> tuple[float, float, str]:
+    """(exposed, hidden, why) of the data-parallel traffic of a step taking `total` seconds on
+    its links, behind a last micro-batch whose backward takes `backward` (module docstring)."""
+    gathered = _dp_gather_bytes(lay, precision)
+    # megatron-core without ZeRO all-reduces in its buckets; otherwise the reduction is
+    # 4 / (4 + gathered) of the bytes and the parameter all-gather the rest
+    all_reduce = lay.zero == "megatron" and lay.zero_stage == 0
+    reduce = total if all_reduce else total * 4 / (4 + gathered)
+    gather = total - reduce
+    reasons = [EXPOSED["dp_gather"]] if gather else []
+    if not lay.overlap_grad_reduce:
+        reasons.insert(0, EXPOSED["dp_pp" if lay.pp > 1 else "dp_off"])
+        return total, 0.0, "; ".join(reasons)
+    if lay.zero == "megatron":
+        buckets = sum(-(-count // max(40_000_000, 1_000_000 * size))
+                      for count, size in ((p.dense, lay.dp), (p.expert, lay.expert_dp)) if count)
+    else:
+        buckets = -(-p.total // DEEPSPEED_BUCKET)
+    n = max(int(buckets), 1)
+    exposed = max(reduce / n, reduce - backward * (n - 1) / n)
+    reasons.insert(0, f"{EXPOSED['dp_buckets']} ({n} bucket{'s' if n > 1 else ''})")
+    return exposed + gather, reduce - exposed, "; ".join(reasons)
+
+
+def _dp_gather_bytes(lay: ParallelLayout, precision: str) -> int:
+    """Bytes per parameter of the data-parallel all-gather: megatron-core's distributed
+    optimizer gathers the parameters in their dtype; the rest is counted as fp32."""
+    if lay.zero == "megatron" and lay.zero_stage >= 1:
+        return 2 if precision == "bf16" else 4
+    return 4
 
 
 def _chunks_in_flight(lay: ParallelLayout, nmb: int, r: int) -> int:
@@ -341,7 +404,7 @@ def _communication(cfg: Config, lay: ParallelLayout, cluster: Cluster, s: act.Sh
         # half an all-reduce's bytes; zero_stage 0 all-reduces fp32 gradients. Both groups span
         # world / pp ranks. DeepSpeed is counted as fp32 both ways (its bf16 gradient
         # communication is not modelled).
-        gathered = s.compute_bytes if lay.zero == "megatron" and lay.zero_stage >= 1 else 4
+        gathered = _dp_gather_bytes(lay, "bf16" if s.compute_bytes == 2 else "fp32")
         per_param = (4 + gathered) / 2  # bytes per parameter per all-reduce's worth
         volume = per_param * (p.dense * ring(lay.dp) + p.expert * ring(lay.expert_dp))
         comm["dp"] = volume

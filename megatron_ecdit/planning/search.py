@@ -1,7 +1,8 @@
 """Every layout the training job accepts, estimated and ranked.
 
 Candidates vary TP (inside a node), SP, PP, VPP, EP, the ZeRO backend and stage, recompute and
-the micro-batch; each is a copy of the config with those values, and `ParallelLayout.build`
+the micro-batch, with SP whenever TP > 1 and gradient reduction overlapped whenever the job
+can (PP = 1), unless pinned; each is a copy of the config with those values, and `ParallelLayout.build`
 decides whether it exists (so a layout the job refuses, e.g. DeepSpeed ZeRO-3 today, is never
 estimated, let alone recommended). `fixed` pins any `parallel.*` key or `train.micro_batch_size`
 to the user's value. Layouts over the memory budget are dropped; the rest are ranked by
@@ -40,6 +41,7 @@ def candidates(cfg: Config, cluster: Cluster, global_batch: int,
         "backend": list(BACKENDS),
         "activation_checkpointing": list(RECOMPUTE),
         "micro_batch_size": [2 ** k for k in range(0, 10)],
+        "overlap_grad_reduce": [False, True],
     }
     for key, value in fixed.items():
         options["backend" if key in ("zero", "zero_stage") else key] = [value]
@@ -52,6 +54,9 @@ def candidates(cfg: Config, cluster: Cluster, global_batch: int,
         choice = dict(zip(keys, values))
         if choice["sp"] != (choice["tp"] > 1) and "sp" not in fixed:
             continue  # SP whenever TP > 1: the same traffic, less activation memory
+        if choice["overlap_grad_reduce"] != (choice["pp"] == 1) and "overlap_grad_reduce" \
+                not in fixed:
+            continue  # overlapped wherever the job can: never slower, the same memory
         mbs = choice.pop("micro_batch_size")
         zero, stage = choice.pop("backend")
         dp = world // (choice["tp"] * choice["pp"])
@@ -92,6 +97,7 @@ def overrides(est: Estimate) -> list[str]:
            f"parallel.vpp={lay.vpp}", f"parallel.ep={lay.ep}", f"parallel.zero={lay.zero}",
            f"parallel.zero_stage={lay.zero_stage}",
            f"parallel.activation_checkpointing={lay.recompute}",
+           f"parallel.overlap_grad_reduce={str(lay.overlap_grad_reduce).lower()}",
            f"train.micro_batch_size={est.run.micro_batch}",
            f"train.num_microbatches={est.num_microbatches}"]
     return out

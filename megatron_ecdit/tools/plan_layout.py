@@ -120,7 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     print("\nbest layout, memory per GPU (GiB, worst pipeline stage):")
     print("  " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in best.memory.items())
           + f"; total {best.memory_total / GiB:.2f}")
-    print("  step time (s): " + ", ".join(f"{k} {v:.3f}" for k, v in best.times.items()))
+    print("  step time (s), communication as exposed: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in best.times.items()))
+    if best.hidden:
+        print("  hidden behind compute (s): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in best.hidden.items()))
+    print("  exposed, and why:")
+    for kind, why in best.why_exposed.items():
+        print(f"    {kind} {best.times[kind]:.3f} s: {why}")
     print("  sent per GPU per step (GB): "
           + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in best.comm.items()))
     print(f"  parameters per GPU: {best.params.dense / 1e9:.3f}B dense + "
@@ -146,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 def _short(e: Estimate) -> str:
     lay = e.layout
     return (f"TP{lay.tp}{'+SP' if lay.sp else ''} PP{lay.pp} EP{lay.ep} DP{lay.dp} "
-            f"{lay.zero[:2]}-{lay.zero_stage} {lay.recompute} {e.run.micro_batch}x"
-            f"{e.num_microbatches}")
+            f"{lay.zero[:2]}-{lay.zero_stage}{' ovl' if lay.overlap_grad_reduce else ''} "
+            f"{lay.recompute} {e.run.micro_batch}x{e.num_microbatches}")
 
 
 def _print_sweep(rows: list[SweepRow], cluster: Cluster, args, precision: str) -> None:
@@ -191,6 +198,7 @@ def _as_json(e: Estimate) -> dict:
             "params": {"dense": e.params.dense, "expert": e.params.expert},
             "flops_per_step": e.flops, "model_flops_per_step": e.model_flops,
             "comm_bytes_per_gpu": e.comm, "times_s": e.times, "step_time_s": e.step_time,
+            "hidden_s": e.hidden, "why_exposed": e.why_exposed,
             "mfu": e.mfu,
             "tokens_per_expert_gemm": e.expert_gemm_rows,
             "checkpoint": dataclasses.asdict(e.checkpoint)}
