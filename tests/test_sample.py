@@ -25,7 +25,7 @@ PROMPTS = ["train.sample_prompts=['a red circle','a blue square and a green tria
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, ctx):
     out = tmp_path_factory.mktemp("sample") / "out"
-    train(cc.config(out, ["train.steps=2", *PROMPTS]))
+    train(cc.config(out, ["train.steps=2", "train.compute_map_prompts=1", *PROMPTS]))
     return out
 
 
