@@ -29,11 +29,12 @@ What overlaps is what the job overlaps: with `parallel.overlap_grad_reduce` (PP 
 gradient buckets (megatron-core's: max(40M, 1M x DP) parameters; DeepSpeed's: 5e8) are reduced
 while the last micro-batch's backward runs; bucket i is ready at i / n of it, the last one only
 at its end, so max(R / n, R - B (n - 1) / n) of a reduction R stays exposed behind a backward
-B (its compute and TP traffic; not its expert all-to-alls, which share the inter-node links). Everything else is on the critical path, each for its reason (`EXPOSED`): TP and EP
-collectives feed the next GEMM, a pipeline stage waits for its input, the distributed
-optimizer's parameter all-gather runs after the step. Links: NVLink inside a node, a stated
-bandwidth between nodes; a group whose ranks span nodes runs at the inter-node rate. Every
-constant is in `Cluster` and printed.
+B (its compute and TP traffic; not its expert all-to-alls, which share the inter-node links).
+Everything else is on the critical path, each for its reason (`EXPOSED`): TP and EP collectives
+feed the next GEMM, a pipeline stage waits for its input, the distributed optimizer's parameter
+all-gather runs after the step. Links: NVLink inside a node, a stated bandwidth between nodes; a
+group whose ranks span nodes runs at the inter-node rate. Every constant is in `Cluster` and
+printed.
 The checkpoint's size, bytes per rank and save time: planning/checkpoints.py.
 """
 
