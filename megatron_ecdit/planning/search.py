@@ -2,9 +2,9 @@
 
 Candidates vary TP (inside a node), SP, PP, VPP, EP, the ZeRO backend and stage, recompute and
 the micro-batch, with SP whenever TP > 1 and gradient reduction overlapped whenever the job
-can (PP = 1), unless pinned; each is a copy of the config with those values, and `ParallelLayout.build`
-decides whether it exists (so a layout the job refuses, e.g. DeepSpeed ZeRO-3 today, is never
-estimated, let alone recommended). `fixed` pins any `parallel.*` key or `train.micro_batch_size`
+can (PP = 1), unless pinned; each is a copy of the config with those values, and
+`ParallelLayout.build` decides whether it exists (so a layout the job refuses, e.g. DeepSpeed
+ZeRO-3 today, is never estimated, let alone recommended). `fixed` pins any `parallel.*` key or `train.micro_batch_size`
 to the user's value. Layouts over the memory budget are dropped; the rest are ranked by
 predicted step time, then memory.
 """
