@@ -34,9 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# megatron-core's checkpoint writer starts a helper process by spawn, which imports this
-# script again as __mp_main__: it needs none of what follows (torch and megatron-core take
-# seconds to import, on every rank's first save).
+# Light for the helper megatron-core's checkpoint writer spawns (see run_entry_point.py).
 if __name__ != "__mp_main__":
     import torch  # noqa: E402
     import torch.distributed as dist  # noqa: E402
